@@ -1,0 +1,441 @@
+//! Single flight: one upstream fetch per key, however many requests want it.
+//!
+//! [`Group`] shares a small result (a manifest, a revalidation) among everyone who asked while it
+//! was in flight. [`Fills`] does the same for blobs, which are streamed: one task writes the
+//! upstream body to a temp file while hashing it, and every reader follows that file at its own
+//! pace. The work runs in its own task, owned by the flight and not by any request, so a client
+//! that goes away cancels nothing and a slow client slows nobody.
+//!
+//! Invariant: readers are never handed the last byte of a blob before its digest was verified,
+//! so a client can never receive a complete-looking wrong blob.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::hash::Hash;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt as _;
+use http::Response;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use super::blobs::{Store, blocking};
+use crate::error::Error;
+use crate::oci::digest::{Digest, Verifier};
+
+/// Deduplicates concurrent work by key; the result is cloned to every waiter.
+pub struct Group<K, V> {
+    map: Mutex<HashMap<K, watch::Receiver<Option<V>>>>,
+}
+
+impl<K, V> Default for Group<K, V> {
+    fn default() -> Self {
+        Group {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K, V> Group<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Runs `work` unless the same key is in flight, then waits for the result. The second value
+    /// is true when this call joined someone else's flight. The work runs detached: dropping
+    /// this future does not cancel it.
+    pub async fn run<F>(self: &Arc<Self>, key: K, work: impl FnOnce() -> F) -> (V, bool)
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let (mut rx, joined) = {
+            let mut map = self.map.lock().expect("flight map");
+            match map.get(&key) {
+                Some(rx) => (rx.clone(), true),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(key.clone(), rx.clone());
+                    let fut = work();
+                    let group = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let v = fut.await;
+                        let _ = tx.send(Some(v));
+                        group.map.lock().expect("flight map").remove(&key);
+                    });
+                    (rx, false)
+                }
+            }
+        };
+        loop {
+            if let Some(v) = rx.borrow_and_update().clone() {
+                return (v, joined);
+            }
+            if rx.changed().await.is_err() {
+                // The task panicked before sending; nothing else will come.
+                panic!("single-flight task ended without a result");
+            }
+        }
+    }
+}
+
+/// Where a blob fill is.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    /// Waiting for upstream's answer.
+    Connecting,
+    /// Bytes `..readable` of the temp file may be served; `size` is upstream's Content-Length.
+    Streaming {
+        readable: u64,
+        size: Option<u64>,
+    },
+    /// Every byte is written and verified.
+    Done {
+        size: u64,
+    },
+    Failed(Arc<Error>),
+}
+
+/// A blob being fetched from upstream into a temp file.
+pub struct Fill {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Fill {
+    /// Waits until upstream answered: the blob's size if known, or the fill's error.
+    pub async fn started(&self) -> Result<Option<u64>, Arc<Error>> {
+        let mut rx = self.progress.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                Progress::Connecting => {}
+                Progress::Streaming { size, .. } => return Ok(*size),
+                Progress::Done { size } => return Ok(Some(*size)),
+                Progress::Failed(e) => return Err(Arc::clone(e)),
+            }
+            if rx.changed().await.is_err() {
+                return Err(Arc::new(Error::Internal("blob fill vanished".into())));
+            }
+        }
+    }
+
+    /// A reader of this fill's bytes `start..end`.
+    pub fn reader(&self, start: u64, end: Option<u64>) -> Reader {
+        Reader {
+            file: Arc::clone(&self.file),
+            progress: Some(self.progress.clone()),
+            pos: start,
+            end,
+            done: false,
+        }
+    }
+}
+
+/// Bytes read from disk per chunk sent to a client.
+pub const READ_CHUNK: u64 = 256 * 1024;
+/// How much upstream data is gathered before one write + hash step.
+const WRITE_BATCH: usize = 512 * 1024;
+
+/// Follows a blob file (complete, or being filled) from `pos` to `end`.
+pub struct Reader {
+    file: Arc<File>,
+    /// `None` for a committed file, which is complete.
+    progress: Option<watch::Receiver<Progress>>,
+    pos: u64,
+    end: Option<u64>,
+    done: bool,
+}
+
+impl Reader {
+    /// A reader of committed content `start..end`.
+    pub fn complete(file: Arc<File>, start: u64, end: u64) -> Reader {
+        Reader {
+            file,
+            progress: None,
+            pos: start,
+            end: Some(end),
+            done: false,
+        }
+    }
+
+    /// The next chunk, `None` at the end. An error means the fill failed: the client's body
+    /// must be aborted, not ended.
+    pub async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let (readable, total) = match &mut self.progress {
+                None => (self.end.unwrap_or(0), self.end),
+                Some(rx) => match &*rx.borrow_and_update() {
+                    Progress::Connecting => (0, None),
+                    Progress::Streaming { readable, size } => (*readable, *size),
+                    Progress::Done { size } => (*size, Some(*size)),
+                    Progress::Failed(e) => {
+                        self.done = true;
+                        return Some(Err(io::Error::other(e.to_string())));
+                    }
+                },
+            };
+            let end = match (self.end, total) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if end.is_some_and(|e| self.pos >= e) {
+                self.done = true;
+                return None;
+            }
+            if self.pos < readable {
+                let limit = end.map_or(readable, |e| e.min(readable));
+                let len = (limit - self.pos).min(READ_CHUNK) as usize;
+                let (file, pos) = (Arc::clone(&self.file), self.pos);
+                let chunk = blocking(move || {
+                    let mut buf = vec![0u8; len];
+                    file.read_exact_at(&mut buf, pos)?;
+                    Ok(Bytes::from(buf))
+                })
+                .await;
+                match &chunk {
+                    Ok(b) => self.pos += b.len() as u64,
+                    Err(_) => self.done = true,
+                }
+                return Some(chunk);
+            }
+            let Some(rx) = &mut self.progress else {
+                self.done = true;
+                return None;
+            };
+            if rx.changed().await.is_err() {
+                self.done = true;
+                return Some(Err(io::Error::other("blob fill ended unexpectedly")));
+            }
+        }
+    }
+}
+
+/// What a fill needs to know about its blob and where to put it.
+pub struct FillSpec {
+    pub upstream: String,
+    pub digest: Digest,
+    pub store: Store,
+    pub read_timeout: Duration,
+}
+
+type FillKey = (String, Digest);
+
+/// The blob fills in flight, by (upstream, digest).
+#[derive(Default)]
+pub struct Fills {
+    map: Mutex<HashMap<FillKey, Arc<Fill>>>,
+}
+
+impl Fills {
+    /// The fill in flight for this blob, if any.
+    pub fn get(&self, upstream: &str, digest: &Digest) -> Option<Arc<Fill>> {
+        self.map
+            .lock()
+            .expect("fill map")
+            .get(&(upstream.to_owned(), digest.clone()))
+            .cloned()
+    }
+
+    /// Joins the fill for this blob or starts one fetching from `source`. `on_commit(size)`
+    /// runs once the verified blob is durable under its digest. The bool is true when joined.
+    pub fn join_or_start<S, C>(
+        self: &Arc<Self>,
+        spec: FillSpec,
+        source: S,
+        on_commit: C,
+    ) -> io::Result<(Arc<Fill>, bool)>
+    where
+        S: Future<Output = Result<Response<Incoming>, Error>> + Send + 'static,
+        C: FnOnce(u64) + Send + 'static,
+    {
+        let key = (spec.upstream.clone(), spec.digest.clone());
+        let mut map = self.map.lock().expect("fill map");
+        if let Some(f) = map.get(&key) {
+            return Ok((Arc::clone(f), true));
+        }
+        let temp = spec.store.temp(&spec.digest)?;
+        let (tx, rx) = watch::channel(Progress::Connecting);
+        let fill = Arc::new(Fill {
+            file: Arc::clone(&temp.file),
+            progress: rx,
+        });
+        map.insert(key.clone(), Arc::clone(&fill));
+        let fills = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = run_fill(&spec, temp, source, &tx).await;
+            match result {
+                Ok(size) => on_commit(size),
+                Err(e) => {
+                    tracing::warn!(upstream = %spec.upstream, digest = %spec.digest, error = %e, "blob fill failed; nothing cached");
+                    let _ = tx.send(Progress::Failed(Arc::new(e)));
+                }
+            }
+            fills.map.lock().expect("fill map").remove(&key);
+        });
+        Ok((fill, false))
+    }
+}
+
+/// Streams upstream's body into the temp file, hashing each byte once, then verifies and
+/// commits. Readers see progress through `tx`; the last byte only after verification.
+async fn run_fill<S>(
+    spec: &FillSpec,
+    temp: super::blobs::TempFile,
+    source: S,
+    tx: &watch::Sender<Progress>,
+) -> Result<u64, Error>
+where
+    S: Future<Output = Result<Response<Incoming>, Error>>,
+{
+    let resp = source.await?;
+    let size: Option<u64> = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let _ = tx.send(Progress::Streaming { readable: 0, size });
+    let mut body = resp.into_body();
+    let mut verifier = Some(Verifier::new(spec.digest.algorithm()));
+    let mut written: u64 = 0;
+    let upstream_err = |source| Error::Upstream {
+        upstream: spec.upstream.clone(),
+        source,
+    };
+    loop {
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch_len = 0usize;
+        let mut ended = false;
+        match tokio::time::timeout(spec.read_timeout, body.frame()).await {
+            Err(_) => {
+                return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
+                    spec.read_timeout,
+                )));
+            }
+            Ok(None) => ended = true,
+            Ok(Some(Err(e))) => {
+                return Err(upstream_err(crate::upstream::UpstreamError::Io(
+                    e.to_string(),
+                )));
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    batch_len += data.len();
+                    batch.push(data);
+                }
+            }
+        }
+        // Take whatever else is already buffered, so one write + hash step covers it.
+        while !ended && batch_len < WRITE_BATCH {
+            match body.frame().now_or_never() {
+                Some(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        batch_len += data.len();
+                        batch.push(data);
+                    }
+                }
+                Some(Some(Err(e))) => {
+                    return Err(upstream_err(crate::upstream::UpstreamError::Io(
+                        e.to_string(),
+                    )));
+                }
+                Some(None) => ended = true,
+                None => break,
+            }
+        }
+        if batch_len > 0 {
+            if size.is_some_and(|s| written + batch_len as u64 > s) {
+                return Err(upstream_err(crate::upstream::UpstreamError::Io(
+                    "body longer than its Content-Length".into(),
+                )));
+            }
+            let file = Arc::clone(&temp.file);
+            let mut v = verifier.take().expect("verifier");
+            let offset = written;
+            verifier = Some(
+                blocking(move || {
+                    let mut off = offset;
+                    for chunk in &batch {
+                        v.update(chunk);
+                        file.write_all_at(chunk, off)?;
+                        off += chunk.len() as u64;
+                    }
+                    Ok(v)
+                })
+                .await?,
+            );
+            written += batch_len as u64;
+            // Hold back the final byte (known size) or the latest batch (unknown size) until
+            // the digest is verified.
+            let readable = match size {
+                Some(s) => written.min(s.saturating_sub(1)),
+                None => written - batch_len as u64,
+            };
+            let _ = tx.send(Progress::Streaming { readable, size });
+        }
+        if ended {
+            break;
+        }
+    }
+    if size.is_some_and(|s| s != written) {
+        return Err(upstream_err(crate::upstream::UpstreamError::Io(format!(
+            "body ended after {written} of {} bytes",
+            size.unwrap_or(0)
+        ))));
+    }
+    let actual = verifier.take().expect("verifier").finish();
+    if actual != spec.digest {
+        return Err(Error::DigestMismatch {
+            upstream: spec.upstream.clone(),
+            expected: spec.digest.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    let _ = tx.send(Progress::Done { size: written });
+    let store = spec.store.clone();
+    let digest = spec.digest.clone();
+    blocking(move || store.commit(temp, &digest)).await?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn group_runs_once_for_concurrent_callers() {
+        let group: Arc<Group<&'static str, u32>> = Arc::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut handles = Vec::new();
+        for _ in 0..10 {
+            let (g, runs) = (Arc::clone(&group), Arc::clone(&runs));
+            handles.push(tokio::spawn(async move {
+                g.run("k", || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    7
+                })
+                .await
+            }));
+        }
+        let mut joined = 0;
+        for h in handles {
+            let (v, j) = h.await.unwrap();
+            assert_eq!(v, 7);
+            joined += j as usize;
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(joined, 9);
+        // after completion a new call runs again
+        let (v, j) = group.run("k", || async { 8 }).await;
+        assert_eq!((v, j), (8, false));
+    }
+}

@@ -1,0 +1,182 @@
+//! The sled index: which digests each upstream is known to have, manifest media types, and
+//! tag -> digest with the time the tag was last confirmed upstream.
+//!
+//! Keys are `upstream \0 ...`; values are small JSON documents. The files themselves live in
+//! [`super::blobs::Store`]; an entry whose file is gone is treated as absent and dropped.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::oci::digest::Digest;
+use crate::oci::reference::{RepoName, Tag};
+
+/// The index database.
+#[derive(Clone)]
+pub struct Index {
+    blobs: sled::Tree,
+    manifests: sled::Tree,
+    tags: sled::Tree,
+}
+
+/// A manifest known for an upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// A tag's last known target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagEntry {
+    pub digest: String,
+    pub media_type: String,
+    /// When upstream last confirmed this tag, in milliseconds since the Unix epoch.
+    pub checked_ms: u64,
+}
+
+impl TagEntry {
+    pub fn digest(&self) -> Option<Digest> {
+        self.digest.parse().ok()
+    }
+
+    /// How long ago upstream confirmed the tag.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        Duration::from_millis(millis(now).saturating_sub(self.checked_ms))
+    }
+}
+
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn key(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+impl Index {
+    pub fn open(path: &Path) -> sled::Result<Index> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(64 << 20)
+            .flush_every_ms(Some(500))
+            .open()?;
+        Ok(Index {
+            blobs: db.open_tree("blobs")?,
+            manifests: db.open_tree("manifests")?,
+            tags: db.open_tree("tags")?,
+        })
+    }
+
+    /// The size of a blob this upstream is known to serve, if recorded.
+    pub fn blob(&self, upstream: &str, digest: &Digest) -> sled::Result<Option<u64>> {
+        Ok(self
+            .blobs
+            .get(key(&[upstream, &digest.to_string()]))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    pub fn put_blob(&self, upstream: &str, digest: &Digest, size: u64) -> sled::Result<()> {
+        self.blobs
+            .insert(key(&[upstream, &digest.to_string()]), &size.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn remove_blob(&self, upstream: &str, digest: &Digest) -> sled::Result<()> {
+        self.blobs.remove(key(&[upstream, &digest.to_string()]))?;
+        Ok(())
+    }
+
+    pub fn manifest(&self, upstream: &str, digest: &Digest) -> sled::Result<Option<ManifestEntry>> {
+        get_json(&self.manifests, key(&[upstream, &digest.to_string()]))
+    }
+
+    pub fn put_manifest(
+        &self,
+        upstream: &str,
+        digest: &Digest,
+        e: &ManifestEntry,
+    ) -> sled::Result<()> {
+        put_json(&self.manifests, key(&[upstream, &digest.to_string()]), e)
+    }
+
+    pub fn remove_manifest(&self, upstream: &str, digest: &Digest) -> sled::Result<()> {
+        self.manifests
+            .remove(key(&[upstream, &digest.to_string()]))?;
+        Ok(())
+    }
+
+    pub fn tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> sled::Result<Option<TagEntry>> {
+        get_json(&self.tags, key(&[upstream, repo.as_str(), tag.as_str()]))
+    }
+
+    pub fn put_tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        e: &TagEntry,
+    ) -> sled::Result<()> {
+        put_json(&self.tags, key(&[upstream, repo.as_str(), tag.as_str()]), e)
+    }
+
+    pub fn remove_tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> sled::Result<()> {
+        self.tags
+            .remove(key(&[upstream, repo.as_str(), tag.as_str()]))?;
+        Ok(())
+    }
+
+    /// Writes everything to disk (at shutdown).
+    pub fn flush(&self) -> sled::Result<()> {
+        self.tags.flush()?;
+        Ok(())
+    }
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    k: Vec<u8>,
+) -> sled::Result<Option<T>> {
+    Ok(tree.get(k)?.and_then(|v| serde_json::from_slice(&v).ok()))
+}
+
+fn put_json<T: Serialize>(tree: &sled::Tree, k: Vec<u8>, v: &T) -> sled::Result<()> {
+    tree.insert(k, serde_json::to_vec(v).expect("index entries serialize"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let d = Digest::sha256_of(b"x");
+        let repo: RepoName = "library/alpine".parse().unwrap();
+        let tag: Tag = "3.19".parse().unwrap();
+        assert_eq!(idx.blob("hub", &d).unwrap(), None);
+        idx.put_blob("hub", &d, 42).unwrap();
+        assert_eq!(idx.blob("hub", &d).unwrap(), Some(42));
+        assert_eq!(idx.blob("other", &d).unwrap(), None);
+        let e = TagEntry {
+            digest: d.to_string(),
+            media_type: "m".into(),
+            checked_ms: millis(SystemTime::now()) - 1500,
+        };
+        idx.put_tag("hub", &repo, &tag, &e).unwrap();
+        let got = idx.tag("hub", &repo, &tag).unwrap().unwrap();
+        assert_eq!(got, e);
+        assert!(got.age(SystemTime::now()) >= Duration::from_millis(1500));
+        idx.remove_tag("hub", &repo, &tag).unwrap();
+        assert_eq!(idx.tag("hub", &repo, &tag).unwrap(), None);
+    }
+}

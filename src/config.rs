@@ -1,0 +1,532 @@
+//! The configuration tree: one serde structure, defaults as named constants, human units.
+//!
+//! `config/regcache.toml` is both the documented example and the embedded default, so the file a
+//! user reads is exactly what `regcache serve` runs with when given no `--config`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::oci::reference::{RepoName, valid_component};
+
+/// The embedded default configuration (also the commented reference for every key).
+pub const DEFAULT_TOML: &str = include_str!("../config/regcache.toml");
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+pub const DEFAULT_DATA_DIR: &str = "regcache-data";
+pub const DEFAULT_UPSTREAM: &str = "docker.io";
+pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_REVALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_TAGS_LIST_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The namespace Docker Hub gives one-component names (`alpine` -> `library/alpine`).
+pub const DOCKER_HUB_LIBRARY: &str = "library";
+pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Upstream for names that no prefix, `ns` or alias routes elsewhere (registry-mirror traffic).
+    #[serde(default = "default_upstream")]
+    pub default_upstream: String,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Short name -> full reference without tag (`myapp = "registry.corp.example/team/myapp"`).
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `regcache=debug`); `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a tag is answered from the cache with no upstream contact.
+    #[serde(default = "d_tag_ttl", with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// How long past its TTL a tag may still be served when upstream fails.
+    #[serde(default = "d_max_stale", with = "humantime_serde")]
+    pub max_stale: Duration,
+    /// Deadline for revalidating a cached tag before the cached answer is served.
+    #[serde(default = "d_revalidate_timeout", with = "humantime_serde")]
+    pub revalidate_timeout: Duration,
+    /// How long a `tags/list` answer is reused.
+    #[serde(default = "d_tags_list_ttl", with = "humantime_serde")]
+    pub tags_list_ttl: Duration,
+    /// Memory for hot manifests, in bytes or with a unit ("64MiB").
+    #[serde(default = "d_manifest_memory", deserialize_with = "de_size")]
+    pub manifest_memory: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URLs, tried in order (failover).
+    pub urls: Vec<String>,
+    /// More registry host names that route here (for path prefixes and containerd's `ns`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Namespace for one-component names; defaults to `library` for Docker Hub, none elsewhere.
+    pub short_name_prefix: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Forward a client's own `Authorization` upstream instead of regcache's credentials.
+    #[serde(default)]
+    pub pass_client_auth: bool,
+    /// Extra PEM CA certificates trusted for this upstream (beside the web PKI roots).
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "d_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for an upstream's response headers.
+    #[serde(default = "d_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Longest silence allowed inside a response body.
+    #[serde(default = "d_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("valid default")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+fn default_upstream() -> String {
+    DEFAULT_UPSTREAM.to_owned()
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn d_tag_ttl() -> Duration {
+    DEFAULT_TAG_TTL
+}
+fn d_max_stale() -> Duration {
+    DEFAULT_MAX_STALE
+}
+fn d_revalidate_timeout() -> Duration {
+    DEFAULT_REVALIDATE_TIMEOUT
+}
+fn d_tags_list_ttl() -> Duration {
+    DEFAULT_TAGS_LIST_TTL
+}
+fn d_manifest_memory() -> u64 {
+    DEFAULT_MANIFEST_MEMORY
+}
+fn d_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn d_response_timeout() -> Duration {
+    DEFAULT_RESPONSE_TIMEOUT
+}
+fn d_read_timeout() -> Duration {
+    DEFAULT_READ_TIMEOUT
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            tag_ttl: DEFAULT_TAG_TTL,
+            max_stale: DEFAULT_MAX_STALE,
+            revalidate_timeout: DEFAULT_REVALIDATE_TIMEOUT,
+            tags_list_ttl: DEFAULT_TAGS_LIST_TTL,
+            manifest_memory: DEFAULT_MANIFEST_MEMORY,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// An upstream with one URL and every other key at its default.
+    pub fn with_url(url: &str) -> Self {
+        UpstreamConfig {
+            urls: vec![url.to_owned()],
+            hosts: Vec::new(),
+            short_name_prefix: None,
+            username: None,
+            password: None,
+            pass_client_auth: false,
+            ca_file: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+        }
+    }
+}
+
+/// Sizes as a number of bytes or a string with a unit ("64MiB", "2 GB").
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(b) => Ok(b),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses "512", "64KiB", "1.5 GB", "200GiB" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+    };
+    Ok((num * mult as f64) as u64)
+}
+
+/// Every problem found in a configuration, each with its key path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {problems}")]
+    Invalid { path: PathBuf, problems: Problems },
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn embedded() -> Config {
+        Config::parse(DEFAULT_TOML, Path::new("<embedded>")).expect("embedded config is valid")
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, LoadError> {
+        let config: Config = toml::from_str(text).map_err(|e| LoadError::Parse {
+            path: origin.to_owned(),
+            source: Box::new(e),
+        })?;
+        config.validate().map_err(|problems| LoadError::Invalid {
+            path: origin.to_owned(),
+            problems,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot, reporting every problem at once.
+    pub fn validate(&self) -> Result<(), Problems> {
+        let mut p = Vec::new();
+        if self.upstreams.is_empty() {
+            p.push("upstreams: at least one upstream is needed".to_owned());
+        }
+        if !self.upstreams.contains_key(&self.default_upstream) {
+            p.push(format!(
+                "default_upstream: {:?} is not one of [upstreams] ({})",
+                self.default_upstream,
+                self.upstreams
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(format!("log.level: {e}"));
+        }
+        let c = &self.cache;
+        for (key, d) in [
+            ("tag_ttl", c.tag_ttl),
+            ("revalidate_timeout", c.revalidate_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(format!("cache.{key}: must be more than zero"));
+            }
+        }
+        let mut seen_hosts: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, u) in &self.upstreams {
+            let key = format!("upstreams.\"{name}\"");
+            if name.is_empty() || name.contains('/') {
+                p.push(format!(
+                    "{key}: an upstream name must be non-empty and contain no '/'"
+                ));
+            }
+            if u.urls.is_empty() {
+                p.push(format!("{key}.urls: at least one URL is needed"));
+            }
+            for (i, raw) in u.urls.iter().enumerate() {
+                match url::Url::parse(raw) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                    }
+                    Ok(_) => p.push(format!(
+                        "{key}.urls[{i}]: {raw:?} must be an http(s) URL with a host"
+                    )),
+                    Err(e) => p.push(format!("{key}.urls[{i}]: {raw:?}: {e}")),
+                }
+            }
+            if let Some(prefix) = &u.short_name_prefix
+                && !prefix.is_empty()
+                && prefix.parse::<RepoName>().is_err()
+            {
+                p.push(format!(
+                    "{key}.short_name_prefix: {prefix:?} is not a valid repository path"
+                ));
+            }
+            if u.password.is_some() && u.username.is_none() {
+                p.push(format!("{key}.password: set without username"));
+            }
+            if let Some(ca) = &u.ca_file
+                && !ca.is_file()
+            {
+                p.push(format!(
+                    "{key}.ca_file: {} is not a readable file",
+                    ca.display()
+                ));
+            }
+            for host in self.route_names(name, u) {
+                if let Some(other) = seen_hosts.insert(host.clone(), name)
+                    && other != name
+                {
+                    p.push(format!(
+                        "{key}: routing name {host:?} also belongs to upstream {other:?}"
+                    ));
+                }
+            }
+        }
+        for (alias, target) in &self.aliases {
+            let key = format!("aliases.\"{alias}\"");
+            if alias.parse::<RepoName>().is_err() {
+                p.push(format!("{key}: not a valid repository name"));
+            }
+            if let Err(e) = self.resolve_alias_target(target) {
+                p.push(format!("{key}: {e}"));
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(Problems(p))
+        }
+    }
+
+    /// The names a path prefix or `ns` may use for an upstream: its own name, the hosts of its
+    /// URLs and its extra `hosts`, lowercased.
+    pub fn route_names(&self, name: &str, u: &UpstreamConfig) -> Vec<String> {
+        let mut names = vec![name.to_ascii_lowercase()];
+        for raw in &u.urls {
+            if let Ok(url) = url::Url::parse(raw)
+                && let Some(host) = url.host_str()
+            {
+                names.push(match url.port() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.to_ascii_lowercase(),
+                });
+            }
+        }
+        names.extend(u.hosts.iter().map(|h| h.to_ascii_lowercase()));
+        if names.iter().any(|n| DOCKER_HUB_HOSTS.contains(&n.as_str())) {
+            names.extend(DOCKER_HUB_HOSTS.iter().map(|h| h.to_string()));
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Splits an alias target `host/path` into (upstream name, repository).
+    pub fn resolve_alias_target(&self, target: &str) -> Result<(String, RepoName), String> {
+        let (host, path) = target
+            .split_once('/')
+            .ok_or_else(|| format!("{target:?} must be host/repository"))?;
+        let host = host.to_ascii_lowercase();
+        let upstream = self
+            .upstreams
+            .iter()
+            .find(|(n, u)| self.route_names(n, u).contains(&host))
+            .map(|(n, _)| n.clone())
+            .ok_or_else(|| format!("{target:?}: no upstream serves registry {host:?}"))?;
+        let repo = path
+            .parse::<RepoName>()
+            .map_err(|e| format!("{target:?}: {e}"))?;
+        Ok((upstream, repo))
+    }
+
+    /// Replaces (or adds) an upstream's URLs, as `--upstream NAME=URL` does.
+    pub fn set_upstream_url(&mut self, name: &str, url: &str) {
+        match self.upstreams.get_mut(name) {
+            Some(u) => u.urls = vec![url.to_owned()],
+            None => {
+                self.upstreams
+                    .insert(name.to_owned(), UpstreamConfig::with_url(url));
+            }
+        }
+    }
+
+    /// The namespace for one-component names on upstream `name`.
+    pub fn short_name_prefix(&self, name: &str) -> Option<&str> {
+        let u = self.upstreams.get(name)?;
+        match u.short_name_prefix.as_deref() {
+            Some("") => None,
+            Some(p) => Some(p),
+            None if self.route_names(name, u).iter().any(|n| n == "docker.io") => {
+                Some(DOCKER_HUB_LIBRARY)
+            }
+            None => None,
+        }
+    }
+}
+
+/// Whether `s` is a registry host rather than a first path component: Docker's rule is that
+/// `localhost` and anything with `.` or `:` is a host.
+pub fn looks_like_host(s: &str) -> bool {
+    s == "localhost" || s.contains('.') || s.contains(':') || !valid_component(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_mirrors_docker_hub() {
+        let c = Config::embedded();
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.default_upstream, "docker.io");
+        assert_eq!(
+            c.upstreams["docker.io"].urls,
+            ["https://registry-1.docker.io"]
+        );
+        assert_eq!(c.short_name_prefix("docker.io"), Some("library"));
+        assert_eq!(c.cache.tag_ttl, DEFAULT_TAG_TTL);
+        assert_eq!(c.cache.max_stale, DEFAULT_MAX_STALE);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_key() {
+        let text = r#"
+            default_upstream = "nope"
+            [cache]
+            tag_ttl = "0s"
+            [upstreams.a]
+            urls = ["ftp://x"]
+            password = "p"
+            [upstreams.b]
+            urls = []
+            [aliases]
+            "Bad" = "nowhere.example/x"
+        "#;
+        let err = Config::parse(text, Path::new("t.toml")).unwrap_err();
+        let LoadError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
+        let all = problems.to_string();
+        for needle in [
+            "default_upstream",
+            "cache.tag_ttl",
+            "upstreams.\"a\".urls[0]",
+            "upstreams.\"a\".password",
+            "upstreams.\"b\".urls",
+            "aliases.\"Bad\": not a valid",
+            "no upstream serves registry \"nowhere.example\"",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::parse("listen_addr = \"x\"", Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1.5 GB").unwrap(), 1_500_000_000);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn host_detection() {
+        assert!(looks_like_host("ghcr.io"));
+        assert!(looks_like_host("localhost"));
+        assert!(looks_like_host("reg:5000"));
+        assert!(!looks_like_host("library"));
+    }
+}

@@ -1,0 +1,270 @@
+//! The one place a request becomes a `Result` and a `Result` becomes an HTTP response.
+//!
+//! One tracing span per request carries `repo`, `reference` and `cache`; one log line per
+//! request says what happened.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::StreamBody;
+use tracing::{Instrument, field};
+
+use crate::body::Body;
+use crate::cache::flight::Reader;
+use crate::error::{Error, Origin, Result};
+use crate::oci::route::{self, Route};
+use crate::oci::{API_VERSION_HEADER, DIGEST_HEADER, range};
+use crate::proxy::{ClientInfo, Proxy};
+
+/// Serves one request.
+pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        %method,
+        path = %path,
+        upstream = field::Empty,
+        repo = field::Empty,
+        reference = field::Empty,
+        cache = field::Empty,
+    );
+    async move {
+        let head = method == Method::HEAD;
+        let mut resp = match dispatch(&proxy, &req).await {
+            Ok(r) => r,
+            Err(e) => {
+                match e.origin() {
+                    Origin::Client => tracing::debug!(error = %e, "bad request"),
+                    Origin::Upstream => tracing::warn!(error = %e, "upstream failure"),
+                    Origin::Storage | Origin::Internal => {
+                        tracing::error!(error = %e, "request failed")
+                    }
+                }
+                e.to_response(head)
+            }
+        };
+        resp.headers_mut()
+            .insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        tracing::info!(
+            status = resp.status().as_u16(),
+            bytes = %bytes,
+            ms = start.elapsed().as_secs_f64() * 1000.0,
+            "served"
+        );
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+async fn dispatch<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Result<Response<Body>> {
+    let parsed = route::Request::parse(req.uri().path(), req.uri().query())?;
+    let method = req.method();
+    if method != Method::GET && method != Method::HEAD {
+        return Err(Error::Unsupported(format!("{method}")));
+    }
+    let head = method == Method::HEAD;
+    let client = ClientInfo {
+        accept: req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", "),
+        authorization: req.headers().get(header::AUTHORIZATION).cloned(),
+    };
+    let span = tracing::Span::current();
+    match parsed.route {
+        Route::Base => Ok(json_response(StatusCode::OK, "{}", head)),
+        Route::Catalog | Route::Referrers { .. } => Err(Error::NotFound),
+        Route::Upload { .. } => Err(Error::Unsupported("pushing".into())),
+        Route::Manifest { name, reference } => {
+            let t = proxy.resolve(&name, parsed.ns.as_deref())?;
+            record_target(
+                &span,
+                &t.upstream.name,
+                t.repo.as_str(),
+                &reference.to_string(),
+            );
+            let (m, cache) = proxy.manifest(&t, &reference, &client).await?;
+            span.record("cache", cache.as_str());
+            let len = m.bytes.len();
+            let resp = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, &m.media_type)
+                .header(header::CONTENT_LENGTH, len)
+                .header(DIGEST_HEADER, m.digest.to_string())
+                .header(header::ETAG, format!("\"{}\"", m.digest))
+                .header("cache-status", cache.cache_status());
+            let body = if head {
+                Body::empty()
+            } else {
+                Body::full(m.bytes.clone())
+            };
+            resp.body(body).map_err(|e| Error::Internal(e.to_string()))
+        }
+        Route::Blob { name, digest } => {
+            let t = proxy.resolve(&name, parsed.ns.as_deref())?;
+            record_target(
+                &span,
+                &t.upstream.name,
+                t.repo.as_str(),
+                &digest.to_string(),
+            );
+            let answer = proxy.blob(&t, &digest, head, &client).await?;
+            span.record("cache", answer.cache.as_str());
+            let range_header = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok());
+            let mut resp = Response::builder()
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(DIGEST_HEADER, digest.to_string())
+                .header(header::ETAG, format!("\"{digest}\""))
+                .header("cache-status", answer.cache.cache_status());
+            let (status, start, end) = match answer.size {
+                None => (StatusCode::OK, 0, None),
+                Some(size) => {
+                    resp = resp.header(header::ACCEPT_RANGES, "bytes");
+                    match range::parse(range_header, size) {
+                        range::RangeAnswer::Full => {
+                            resp = resp.header(header::CONTENT_LENGTH, size);
+                            (StatusCode::OK, 0, Some(size))
+                        }
+                        range::RangeAnswer::Partial { start, end } => {
+                            resp = resp.header(header::CONTENT_LENGTH, end - start + 1).header(
+                                header::CONTENT_RANGE,
+                                format!("bytes {start}-{end}/{size}"),
+                            );
+                            (StatusCode::PARTIAL_CONTENT, start, Some(end + 1))
+                        }
+                        range::RangeAnswer::Unsatisfiable => {
+                            return Err(Error::RangeNotSatisfiable { size });
+                        }
+                    }
+                }
+            };
+            let body = match answer.reader(start, end) {
+                Some(reader) if !head => stream(reader),
+                _ => Body::empty(),
+            };
+            resp.status(status)
+                .body(body)
+                .map_err(|e| Error::Internal(e.to_string()))
+        }
+        Route::TagsList { name } => {
+            let t = proxy.resolve(&name, parsed.ns.as_deref())?;
+            record_target(&span, &t.upstream.name, t.repo.as_str(), "tags/list");
+            let (list, cache) = proxy
+                .tags_list(&t, req.uri().query().map(strip_ns).as_deref(), &client)
+                .await?;
+            span.record("cache", cache.as_str());
+            let mut resp = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_LENGTH, list.body.len())
+                .header("cache-status", cache.cache_status());
+            if let Some(ct) = &list.content_type {
+                resp = resp.header(header::CONTENT_TYPE, ct);
+            }
+            if let Some(link) = list
+                .link
+                .as_ref()
+                .and_then(|l| rewrite_link(l, t.repo.as_str(), name.as_str(), parsed.ns.as_deref()))
+            {
+                resp = resp.header(header::LINK, link);
+            }
+            let body = if head {
+                Body::empty()
+            } else {
+                Body::full(list.body.clone())
+            };
+            resp.body(body).map_err(|e| Error::Internal(e.to_string()))
+        }
+    }
+}
+
+fn record_target(span: &tracing::Span, upstream: &str, repo: &str, reference: &str) {
+    span.record("upstream", upstream);
+    span.record("repo", repo);
+    span.record("reference", reference);
+}
+
+fn json_response(status: StatusCode, body: &'static str, head: bool) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(if head {
+            Body::empty()
+        } else {
+            Body::full(body)
+        })
+        .expect("valid response")
+}
+
+/// A body that follows a blob reader. A reader error aborts the body, so the client sees a
+/// broken transfer rather than a short or wrong blob.
+fn stream(reader: Reader) -> Body {
+    let chunks = futures_util::stream::unfold(reader, |mut r| async move {
+        let next = r.next_chunk().await?;
+        Some((next.map(http_body::Frame::data), r))
+    });
+    Body::stream(StreamBody::new(chunks))
+}
+
+/// The tags/list query without containerd's `ns`, which is ours, not upstream's.
+fn strip_ns(query: &str) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k != "ns"))
+        .finish()
+}
+
+/// Rewrites upstream's pagination link so the client asks us, under its own name.
+fn rewrite_link(
+    link: &HeaderValue,
+    upstream_repo: &str,
+    client_repo: &str,
+    ns: Option<&str>,
+) -> Option<HeaderValue> {
+    let s = link.to_str().ok()?;
+    let from = format!("/v2/{upstream_repo}/tags/list");
+    let to = format!("/v2/{client_repo}/tags/list");
+    let mut out = s.replacen(&from, &to, 1);
+    if let Some(ns) = ns
+        && let Some(pos) = out.find('>')
+    {
+        let sep = if out[..pos].contains('?') { '&' } else { '?' };
+        let enc: String = url::form_urlencoded::byte_serialize(ns.as_bytes()).collect();
+        out.insert_str(pos, &format!("{sep}ns={enc}"));
+    }
+    HeaderValue::from_str(&out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_rewriting() {
+        let l = HeaderValue::from_static("</v2/library/alpine/tags/list?n=2&last=b>; rel=\"next\"");
+        assert_eq!(
+            rewrite_link(&l, "library/alpine", "alpine", None).unwrap(),
+            "</v2/alpine/tags/list?n=2&last=b>; rel=\"next\""
+        );
+        assert_eq!(
+            rewrite_link(&l, "library/alpine", "library/alpine", Some("docker.io")).unwrap(),
+            "</v2/library/alpine/tags/list?n=2&last=b&ns=docker.io>; rel=\"next\""
+        );
+        assert_eq!(strip_ns("n=2&ns=ghcr.io&last=x"), "n=2&last=x");
+    }
+}

@@ -1,0 +1,17 @@
+//! regcache: a caching pull-through proxy for OCI / Docker registries.
+//!
+//! The binary (`main.rs`) parses the command line and calls [`run`]; everything else is here.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod handler;
+pub mod oci;
+pub mod proxy;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{ServeError, Server, run};

@@ -1,0 +1,134 @@
+//! The `regcache` command: parse the command line, load config, set up logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use regcache::Config;
+use regcache::config::LogFormat;
+
+#[derive(Parser)]
+#[command(
+    name = "regcache",
+    version,
+    about = "A caching pull-through proxy for container registries"
+)]
+struct Cli {
+    /// Log format (overrides log.format in the config).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the registry mirror (the embedded default config unless --config is given).
+    Serve(ServeArgs),
+    /// Validate a config file and print every problem found.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Config file (TOML); without it the embedded default is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:5000.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Directory for cached content and the index.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Set an upstream's URL: NAME=URL (repeatable). `docker.io=URL` replaces Docker Hub.
+    #[arg(long = "upstream", value_name = "NAME=URL", value_parser = parse_upstream)]
+    upstreams: Vec<(String, String)>,
+}
+
+fn parse_upstream(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
+    Ok((name.to_owned(), url.to_owned()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("regcache: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            println!(
+                "{}: ok ({} upstreams, default {})",
+                file.display(),
+                config.upstreams.len(),
+                config.default_upstream
+            );
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let mut config = match &args.config {
+                Some(path) => Config::load(path)?,
+                None => Config::embedded(),
+            };
+            if let Some(l) = args.listen {
+                config.listen = l;
+            }
+            if let Some(d) = args.data_dir {
+                config.data_dir = d;
+            }
+            for (name, url) in &args.upstreams {
+                config.set_upstream_url(name, url);
+            }
+            config
+                .validate()
+                .map_err(|p| anyhow::anyhow!("after command-line overrides:\n{p}"))?;
+            init_logging(&config, cli.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(regcache::run(config, shutdown_signal()))?;
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(config: &Config, format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format.unwrap_or(config.log.format) {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}

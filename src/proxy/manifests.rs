@@ -1,0 +1,400 @@
+//! Manifests: by digest immutable; by tag cached for `tag_ttl`, then revalidated with a HEAD,
+//! served stale when upstream fails.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Method, StatusCode, header};
+
+use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, read_document, send, status_error};
+use crate::cache::index::{ManifestEntry, TagEntry, millis};
+use crate::error::{Error, Result};
+use crate::oci::DIGEST_HEADER;
+use crate::oci::digest::Digest;
+use crate::oci::media_type::{self, UPSTREAM_ACCEPT};
+use crate::oci::reference::{Reference, Tag};
+use crate::upstream::UpstreamRequest;
+
+/// A manifest as the upstream sent it, byte for byte.
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// What revalidating a tag found.
+#[derive(Clone)]
+pub enum Revalidation {
+    Unchanged,
+    Changed(Arc<Manifest>),
+}
+
+impl Proxy {
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        t: &Target,
+        reference: &Reference,
+        client: &ClientInfo,
+    ) -> Result<(Arc<Manifest>, CacheResult)> {
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(m) = self.known_manifest(&t.upstream.name, d).await? {
+                    return Ok((m, CacheResult::Hit));
+                }
+                self.fetch(t, reference, UPSTREAM_ACCEPT, client).await
+            }
+            Reference::Tag(tag) => self.tagged_manifest(t, tag, client).await,
+        }
+    }
+
+    async fn tagged_manifest(
+        self: &Arc<Self>,
+        t: &Target,
+        tag: &Tag,
+        client: &ClientInfo,
+    ) -> Result<(Arc<Manifest>, CacheResult)> {
+        let up = &t.upstream.name;
+        let reference = Reference::Tag(tag.clone());
+        // A client that cannot take every modern type gets what upstream picks for it, uncached.
+        let takes_all = [
+            media_type::OCI_INDEX,
+            media_type::DOCKER_MANIFEST_LIST,
+            media_type::OCI_MANIFEST,
+            media_type::DOCKER_MANIFEST_V2,
+        ]
+        .iter()
+        .all(|mt| media_type::accepts([client.accept.as_str()], mt));
+        if !takes_all {
+            return self.fetch(t, &reference, &client.accept, client).await;
+        }
+        let Some(entry) = self.index.tag(up, &t.repo, tag)? else {
+            return self.fetch(t, &reference, UPSTREAM_ACCEPT, client).await;
+        };
+        let Some(digest) = entry.digest() else {
+            return self.fetch(t, &reference, UPSTREAM_ACCEPT, client).await;
+        };
+        let cache = &self.config.cache;
+        let age = entry.age(SystemTime::now());
+        if age < cache.tag_ttl
+            && let Some(m) = self.load_manifest(up, &digest).await?
+        {
+            return Ok((m, CacheResult::Hit));
+        }
+        let may_serve_stale = age < cache.tag_ttl + cache.max_stale;
+        let key = (
+            up.clone(),
+            t.repo.clone(),
+            tag.to_string(),
+            "revalidate".to_owned(),
+        );
+        let this = Arc::clone(self);
+        let (target, tag_owned, client_owned) = (t.clone(), tag.clone(), client.clone());
+        let flight = self.revalidations.run(key, move || async move {
+            this.revalidate(&target, &tag_owned, &digest, &client_owned)
+                .await
+                .map_err(Arc::new)
+        });
+        let outcome = if may_serve_stale {
+            tokio::time::timeout(cache.revalidate_timeout, flight)
+                .await
+                .ok()
+        } else {
+            Some(flight.await)
+        };
+        let digest = entry.digest().expect("checked above");
+        match outcome {
+            None => {
+                let why = format!(
+                    "revalidation took longer than {:?}",
+                    cache.revalidate_timeout
+                );
+                self.serve_stale(t, tag, &digest, age, &why).await
+            }
+            Some((Ok(Revalidation::Unchanged), _)) => {
+                match self.load_manifest(up, &digest).await? {
+                    Some(m) => Ok((m, CacheResult::Revalidated)),
+                    None => self.fetch(t, &reference, UPSTREAM_ACCEPT, client).await,
+                }
+            }
+            Some((Ok(Revalidation::Changed(m)), joined)) => Ok((
+                m,
+                if joined {
+                    CacheResult::Coalesced
+                } else {
+                    CacheResult::Miss
+                },
+            )),
+            Some((Err(e), _)) if may_serve_stale && serves_stale(&e) => {
+                self.serve_stale(t, tag, &digest, age, &e.to_string()).await
+            }
+            Some((Err(e), _)) => Err(Error::Shared(e)),
+        }
+    }
+
+    async fn serve_stale(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        digest: &Digest,
+        age: std::time::Duration,
+        why: &str,
+    ) -> Result<(Arc<Manifest>, CacheResult)> {
+        tracing::warn!(upstream = %t.upstream.name, repo = %t.repo, %tag, age_s = age.as_secs(), reason = %why, "serving cached tag stale");
+        match self.load_manifest(&t.upstream.name, digest).await? {
+            Some(m) => Ok((m, CacheResult::Stale)),
+            None => Err(Error::ManifestUnknown(format!("{}:{tag}", t.repo))),
+        }
+    }
+
+    /// Asks upstream whether a cached tag still points at `cached`; refetches if it moved.
+    async fn revalidate(
+        self: &Arc<Self>,
+        t: &Target,
+        tag: &Tag,
+        cached: &Digest,
+        client: &ClientInfo,
+    ) -> Result<Revalidation> {
+        let up = &t.upstream.name;
+        let path = format!("manifests/{tag}");
+        let resp = send(
+            t,
+            UpstreamRequest {
+                method: Method::HEAD,
+                repo: &t.repo,
+                path: &path,
+                query: None,
+                accept: Some(UPSTREAM_ACCEPT),
+                client_auth: client.authorization.as_ref(),
+            },
+        )
+        .await?;
+        let status = resp.status();
+        let current = resp
+            .headers()
+            .get(DIGEST_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok());
+        match (status, current) {
+            (StatusCode::OK, Some(d)) if &d == cached => {
+                let media_type = self
+                    .index
+                    .manifest(up, cached)?
+                    .map(|m| m.media_type)
+                    .unwrap_or_default();
+                self.index.put_tag(
+                    up,
+                    &t.repo,
+                    tag,
+                    &TagEntry {
+                        digest: d.to_string(),
+                        media_type,
+                        checked_ms: millis(SystemTime::now()),
+                    },
+                )?;
+                Ok(Revalidation::Unchanged)
+            }
+            // Moved, or a registry that gives no digest on HEAD or does not allow HEAD: GET it.
+            (StatusCode::OK, _) | (StatusCode::METHOD_NOT_ALLOWED, _) => {
+                let m = self
+                    .fetch_now(t, &Reference::Tag(tag.clone()), UPSTREAM_ACCEPT, client)
+                    .await?;
+                Ok(if &m.digest == cached {
+                    Revalidation::Unchanged
+                } else {
+                    Revalidation::Changed(m)
+                })
+            }
+            (StatusCode::NOT_FOUND, _) => {
+                self.index.remove_tag(up, &t.repo, tag)?;
+                Err(Error::ManifestUnknown(format!("{}:{tag}", t.repo)))
+            }
+            (status, _) => Err(status_error(t, status, resp.headers(), || unreachable!())),
+        }
+    }
+
+    /// A manifest this upstream is known to have, from memory or disk.
+    async fn known_manifest(
+        &self,
+        upstream: &str,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Manifest>>> {
+        if self.index.manifest(upstream, digest)?.is_none() {
+            return Ok(None);
+        }
+        self.load_manifest(upstream, digest).await
+    }
+
+    /// Loads a manifest whose index entry exists, preferring memory.
+    async fn load_manifest(
+        &self,
+        upstream: &str,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Manifest>>> {
+        if let Some(m) = self.hot_manifests.get(digest) {
+            return Ok(Some(m));
+        }
+        let Some(entry) = self.index.manifest(upstream, digest)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.store.read_small(digest).await? else {
+            self.index.remove_manifest(upstream, digest)?;
+            return Ok(None);
+        };
+        let m = Arc::new(Manifest {
+            digest: digest.clone(),
+            media_type: entry.media_type,
+            bytes,
+        });
+        self.hot_manifests.insert(digest.clone(), Arc::clone(&m));
+        Ok(Some(m))
+    }
+
+    /// Fetches from upstream, once for all concurrent askers of the same thing.
+    async fn fetch(
+        self: &Arc<Self>,
+        t: &Target,
+        reference: &Reference,
+        accept: &str,
+        client: &ClientInfo,
+    ) -> Result<(Arc<Manifest>, CacheResult)> {
+        let key = (
+            t.upstream.name.clone(),
+            t.repo.clone(),
+            reference.to_string(),
+            accept.to_owned(),
+        );
+        let this = Arc::clone(self);
+        let (target, reference, accept_owned, client) = (
+            t.clone(),
+            reference.clone(),
+            accept.to_owned(),
+            client.clone(),
+        );
+        let (result, joined) = self
+            .manifest_flights
+            .run(key, move || async move {
+                this.fetch_now(&target, &reference, &accept_owned, &client)
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await;
+        let m = result.map_err(Error::Shared)?;
+        Ok((
+            m,
+            if joined {
+                CacheResult::Coalesced
+            } else {
+                CacheResult::Miss
+            },
+        ))
+    }
+
+    /// GETs a manifest, verifies its digest, stores it, and (for a tag fetched with the full
+    /// `Accept`) records the tag.
+    async fn fetch_now(
+        &self,
+        t: &Target,
+        reference: &Reference,
+        accept: &str,
+        client: &ClientInfo,
+    ) -> Result<Arc<Manifest>> {
+        let up = &t.upstream.name;
+        let path = format!("manifests/{reference}");
+        let resp = send(
+            t,
+            UpstreamRequest {
+                method: Method::GET,
+                repo: &t.repo,
+                path: &path,
+                query: None,
+                accept: Some(accept),
+                client_auth: client.authorization.as_ref(),
+            },
+        )
+        .await?;
+        let resp = expect_ok(t, resp, || {
+            Error::ManifestUnknown(format!("{}:{reference}", t.repo))
+        })?;
+        let (parts, body) = resp.into_parts();
+        let claimed = parts
+            .headers
+            .get(DIGEST_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok());
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let bytes = read_document(t, body).await?;
+        let media_type = if media_type::is_generic(content_type) {
+            media_type::sniff(&bytes)
+                .or(content_type)
+                .unwrap_or(media_type::OCI_MANIFEST)
+                .to_owned()
+        } else {
+            content_type.unwrap_or_default().to_owned()
+        };
+        let algorithm = match (reference, &claimed) {
+            (Reference::Digest(d), _) => d.algorithm(),
+            (Reference::Tag(_), Some(c)) => c.algorithm(),
+            (Reference::Tag(_), None) => crate::oci::digest::Algorithm::Sha256,
+        };
+        let actual = Digest::of(algorithm, &bytes);
+        let expected = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => claimed.as_ref(),
+        };
+        if let Some(expected) = expected
+            && expected != &actual
+        {
+            return Err(Error::DigestMismatch {
+                upstream: up.clone(),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        self.store.write_small(&actual, bytes.clone()).await?;
+        self.index.put_manifest(
+            up,
+            &actual,
+            &ManifestEntry {
+                media_type: media_type.clone(),
+                size: bytes.len() as u64,
+            },
+        )?;
+        if let Reference::Tag(tag) = reference
+            && accept == UPSTREAM_ACCEPT
+        {
+            self.index.put_tag(
+                up,
+                &t.repo,
+                tag,
+                &TagEntry {
+                    digest: actual.to_string(),
+                    media_type: media_type.clone(),
+                    checked_ms: millis(SystemTime::now()),
+                },
+            )?;
+        }
+        let m = Arc::new(Manifest {
+            digest: actual.clone(),
+            media_type,
+            bytes,
+        });
+        self.hot_manifests.insert(actual, Arc::clone(&m));
+        Ok(m)
+    }
+}
+
+/// Failures that mean "upstream is unwell", where a cached answer beats an error.
+fn serves_stale(e: &Error) -> bool {
+    match e.root() {
+        Error::Upstream { .. }
+        | Error::UpstreamRateLimited { .. }
+        | Error::DigestMismatch { .. } => true,
+        Error::UpstreamStatus { status, .. } => status.is_server_error(),
+        _ => false,
+    }
+}

@@ -1,0 +1,421 @@
+//! The pull-through policy: which upstream a name goes to, and when to ask it.
+//!
+//! - Manifests by digest and blobs are immutable: local first, upstream once (single flight).
+//! - Tags are remote-first with a TTL: within `tag_ttl` no upstream contact; after it a `HEAD`
+//!   revalidates (bounded by `revalidate_timeout`), and if upstream fails the cached tag is
+//!   served stale for up to `max_stale`.
+//! - A blob on disk is served for any repository of the upstream that fetched it; for another
+//!   upstream only after that upstream confirms it has the blob (a `HEAD`).
+
+mod blobs;
+mod manifests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+
+pub use blobs::{BlobAnswer, BlobBody};
+pub use manifests::Manifest;
+
+use crate::cache::blobs::Store;
+use crate::cache::flight::{Fills, Group};
+use crate::cache::index::Index;
+use crate::config::{Config, looks_like_host};
+use crate::error::{Error, Result};
+use crate::oci::reference::RepoName;
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+
+/// What the cache did for a request, reported in `Cache-Status` and the request log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Served from the cache without asking upstream.
+    Hit,
+    /// Fetched from upstream (and stored where it is cacheable).
+    Miss,
+    /// Joined a fetch already in flight for the same object.
+    Coalesced,
+    /// Upstream confirmed the cached tag.
+    Revalidated,
+    /// Served from the cache because upstream failed or was too slow.
+    Stale,
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Stale => "stale",
+        }
+    }
+
+    /// The RFC 9211 `Cache-Status` value.
+    pub fn cache_status(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheResult::Hit => "regcache; hit",
+            CacheResult::Miss => "regcache; fwd=uri-miss; stored",
+            CacheResult::Coalesced => "regcache; fwd=uri-miss; collapsed",
+            CacheResult::Revalidated => "regcache; fwd=stale; fwd-status=200",
+            CacheResult::Stale => "regcache; hit; detail=stale-upstream-unavailable",
+        })
+    }
+}
+
+/// Where a request goes: an upstream and the repository name there.
+#[derive(Clone)]
+pub struct Target {
+    pub upstream: Arc<Upstream>,
+    pub repo: RepoName,
+}
+
+/// The client's side of a request that matters upstream.
+#[derive(Default, Clone)]
+pub struct ClientInfo {
+    /// The `Accept` header values, joined.
+    pub accept: String,
+    /// The client's `Authorization`, forwarded only to upstreams configured to receive it.
+    pub authorization: Option<HeaderValue>,
+}
+
+/// A `tags/list` answer.
+pub struct TagsList {
+    pub body: Bytes,
+    pub content_type: Option<HeaderValue>,
+    pub link: Option<HeaderValue>,
+}
+
+/// Largest manifest or tag list regcache accepts from upstream (the OCI spec's 4 MiB).
+pub const MAX_DOCUMENT: usize = 4 << 20;
+
+type ManifestKey = (String, RepoName, String, String);
+type TagsKey = (String, RepoName, String);
+
+/// The cache and its upstreams.
+pub struct Proxy {
+    config: Arc<Config>,
+    upstreams: HashMap<String, Arc<Upstream>>,
+    /// Route name (upstream name or host, lowercase) -> upstream name.
+    routes: HashMap<String, String>,
+    aliases: HashMap<String, (String, RepoName)>,
+    store: Store,
+    index: Index,
+    hot_manifests: moka::sync::Cache<crate::oci::digest::Digest, Arc<Manifest>>,
+    tags_lists: moka::future::Cache<TagsKey, Arc<TagsList>>,
+    manifest_flights: Arc<Group<ManifestKey, Result<Arc<Manifest>, Arc<Error>>>>,
+    revalidations: Arc<Group<ManifestKey, Result<manifests::Revalidation, Arc<Error>>>>,
+    fills: Arc<Fills>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("index: {0}")]
+    Index(#[from] sled::Error),
+    #[error("upstream {name}: {source}")]
+    Upstream { name: String, source: UpstreamError },
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>) -> Result<Arc<Proxy>, StartError> {
+        let data = &config.data_dir;
+        let store = Store::open(data).map_err(|source| StartError::DataDir {
+            path: data.clone(),
+            source,
+        })?;
+        let index = Index::open(&data.join("index"))?;
+        let mut upstreams = HashMap::new();
+        let mut routes = HashMap::new();
+        for (name, cfg) in &config.upstreams {
+            let up = Upstream::new(name, cfg).map_err(|source| StartError::Upstream {
+                name: name.clone(),
+                source,
+            })?;
+            upstreams.insert(name.clone(), Arc::new(up));
+            for r in config.route_names(name, cfg) {
+                routes.insert(r, name.clone());
+            }
+        }
+        let aliases = config
+            .aliases
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), config.resolve_alias_target(v).ok()?)))
+            .collect();
+        let hot_manifests = moka::sync::Cache::builder()
+            .max_capacity(config.cache.manifest_memory)
+            .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
+            .build();
+        let tags_lists = moka::future::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(config.cache.tags_list_ttl)
+            .build();
+        Ok(Arc::new(Proxy {
+            config,
+            upstreams,
+            routes,
+            aliases,
+            store,
+            index,
+            hot_manifests,
+            tags_lists,
+            manifest_flights: Arc::default(),
+            revalidations: Arc::default(),
+            fills: Arc::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Writes the index out (at shutdown).
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.index.flush()?)
+    }
+
+    /// Maps a client's repository name (and containerd's `ns`) to an upstream repository:
+    /// `ns` first, then aliases, then a path prefix naming an upstream, else the default
+    /// upstream. Docker Hub's one-component names get `library/`.
+    pub fn resolve(&self, name: &RepoName, ns: Option<&str>) -> Result<Target> {
+        let target = |up: &str, repo: &RepoName| -> Result<Target> {
+            let upstream = Arc::clone(&self.upstreams[up]);
+            let repo = match self.config.short_name_prefix(up) {
+                Some(prefix) if repo.components().count() == 1 => repo
+                    .prefixed(prefix)
+                    .map_err(|e| Error::NameInvalid(e.to_string()))?,
+                _ => repo.clone(),
+            };
+            Ok(Target { upstream, repo })
+        };
+        if let Some(ns) = ns {
+            let up = self.routes.get(&ns.to_ascii_lowercase()).ok_or_else(|| {
+                Error::NameUnknown(format!("no upstream is configured for registry {ns:?}"))
+            })?;
+            return target(up, name);
+        }
+        if let Some((up, repo)) = self.aliases.get(name.as_str()) {
+            return target(up, repo);
+        }
+        let mut parts = name.as_str().splitn(2, '/');
+        let first = parts.next().unwrap_or_default();
+        if let Some(rest) = parts.next() {
+            if let Some(up) = self.routes.get(first) {
+                let repo: RepoName =
+                    rest.parse()
+                        .map_err(|e: crate::oci::reference::NameError| {
+                            Error::NameInvalid(e.to_string())
+                        })?;
+                return target(up, &repo);
+            }
+            if looks_like_host(first) {
+                return Err(Error::NameUnknown(format!(
+                    "no upstream is configured for registry {first:?}"
+                )));
+            }
+        }
+        target(&self.config.default_upstream, name)
+    }
+
+    /// `GET tags/list`, reused for `tags_list_ttl`.
+    pub async fn tags_list(
+        &self,
+        t: &Target,
+        query: Option<&str>,
+        client: &ClientInfo,
+    ) -> Result<(Arc<TagsList>, CacheResult)> {
+        let key = (
+            t.upstream.name.clone(),
+            t.repo.clone(),
+            query.unwrap_or("").to_owned(),
+        );
+        if let Some(hit) = self.tags_lists.get(&key).await {
+            return Ok((hit, CacheResult::Hit));
+        }
+        let resp = send(
+            t,
+            UpstreamRequest {
+                method: http::Method::GET,
+                repo: &t.repo,
+                path: "tags/list",
+                query,
+                accept: Some("application/json"),
+                client_auth: client.authorization.as_ref(),
+            },
+        )
+        .await?;
+        let resp = expect_ok(t, resp, || {
+            Error::NameUnknown(format!("repository {} not known upstream", t.repo))
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = read_document(t, body).await?;
+        let list = Arc::new(TagsList {
+            body,
+            content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+            link: parts.headers.get(header::LINK).cloned(),
+        });
+        self.tags_lists.insert(key, Arc::clone(&list)).await;
+        Ok((list, CacheResult::Miss))
+    }
+}
+
+/// Sends a request to a target's upstream, mapping transport failures.
+async fn send(t: &Target, req: UpstreamRequest<'_>) -> Result<Response<Incoming>> {
+    t.upstream
+        .send(req)
+        .await
+        .map_err(|source| Error::Upstream {
+            upstream: t.upstream.name.clone(),
+            source,
+        })
+}
+
+/// Passes a 2xx answer on; turns every other status into the error a client should see.
+fn expect_ok(
+    t: &Target,
+    resp: Response<Incoming>,
+    not_found: impl FnOnce() -> Error,
+) -> Result<Response<Incoming>> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    Err(status_error(t, status, resp.headers(), not_found))
+}
+
+fn status_error(
+    t: &Target,
+    status: StatusCode,
+    headers: &HeaderMap,
+    not_found: impl FnOnce() -> Error,
+) -> Error {
+    let upstream = t.upstream.name.clone();
+    match status {
+        StatusCode::NOT_FOUND => not_found(),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::UpstreamDenied {
+            upstream,
+            repo: t.repo.to_string(),
+            status,
+        },
+        StatusCode::TOO_MANY_REQUESTS => Error::UpstreamRateLimited {
+            upstream,
+            retry_after: headers.get(header::RETRY_AFTER).cloned(),
+        },
+        status => Error::UpstreamStatus { upstream, status },
+    }
+}
+
+/// Reads a small upstream body (manifest, tag list) whole, within the size limit and deadline.
+async fn read_document(t: &Target, body: Incoming) -> Result<Bytes> {
+    let deadline = t.upstream.read_timeout();
+    let upstream_err = |source| Error::Upstream {
+        upstream: t.upstream.name.clone(),
+        source,
+    };
+    match tokio::time::timeout(deadline, Limited::new(body, MAX_DOCUMENT).collect()).await {
+        Err(_) => Err(upstream_err(UpstreamError::Timeout(deadline))),
+        Ok(Err(e)) => Err(upstream_err(UpstreamError::Io(e.to_string()))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn proxy(extra: &str) -> (tempfile::TempDir, Arc<Proxy>) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"
+            data_dir = "{}"
+            [upstreams."docker.io"]
+            urls = ["https://registry-1.docker.io"]
+            [upstreams.ghcr]
+            urls = ["https://ghcr.io"]
+            [upstreams.corp]
+            urls = ["https://registry.corp.example:5443"]
+            hosts = ["registry.corp.example"]
+            {extra}
+            "#,
+            dir.path().display()
+        );
+        let config = Config::parse(&text, Path::new("t")).unwrap();
+        (dir, Proxy::new(Arc::new(config)).unwrap())
+    }
+
+    fn resolve(p: &Proxy, name: &str, ns: Option<&str>) -> Result<(String, String)> {
+        let t = p.resolve(&name.parse().unwrap(), ns)?;
+        Ok((t.upstream.name.clone(), t.repo.to_string()))
+    }
+
+    #[test]
+    fn routes_every_way() {
+        let (_d, p) = proxy("[aliases]\nmyapp = \"registry.corp.example/team/myapp\"");
+        let r = |n, ns| resolve(&p, n, ns).unwrap();
+        // (a) registry-mirror style, with Docker Hub's library/ for one-component names
+        assert_eq!(
+            r("alpine", None),
+            ("docker.io".into(), "library/alpine".into())
+        );
+        assert_eq!(
+            r("library/alpine", None),
+            ("docker.io".into(), "library/alpine".into())
+        );
+        assert_eq!(r("team/app", None), ("docker.io".into(), "team/app".into()));
+        // (b) path prefix: upstream name or host
+        assert_eq!(
+            r("ghcr/owner/img", None),
+            ("ghcr".into(), "owner/img".into())
+        );
+        assert_eq!(
+            r("ghcr.io/owner/img", None),
+            ("ghcr".into(), "owner/img".into())
+        );
+        assert_eq!(
+            r("docker.io/alpine", None),
+            ("docker.io".into(), "library/alpine".into())
+        );
+        assert_eq!(
+            r("registry.corp.example/a/b/c", None),
+            ("corp".into(), "a/b/c".into())
+        );
+        // (c) containerd's ns
+        assert_eq!(
+            r("owner/img", Some("ghcr.io")),
+            ("ghcr".into(), "owner/img".into())
+        );
+        assert_eq!(
+            r("alpine", Some("docker.io")),
+            ("docker.io".into(), "library/alpine".into())
+        );
+        assert_eq!(
+            r("x/y", Some("registry.corp.example:5443")),
+            ("corp".into(), "x/y".into())
+        );
+        // (d) aliases
+        assert_eq!(r("myapp", None), ("corp".into(), "team/myapp".into()));
+    }
+
+    #[test]
+    fn unknown_registries_are_refused() {
+        let (_d, p) = proxy("");
+        for (name, ns) in [
+            ("quay.io/x/y", None),
+            ("localhost/x", None),
+            ("x/y", Some("nowhere.example")),
+        ] {
+            let e = resolve(&p, name, ns).unwrap_err();
+            assert_eq!(e.code_and_status().0, "NAME_UNKNOWN", "{name}");
+        }
+    }
+}

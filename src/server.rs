@@ -1,0 +1,113 @@
+//! The accept loop: HTTP/1.1 and h2c on one listener, and graceful shutdown that lets
+//! in-flight requests finish within a grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::handler;
+use crate::proxy::{Proxy, StartError};
+
+/// How long shutdown waits for in-flight requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Deadline for a client to send its request headers (slow-header clients are dropped).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A bound, not yet serving, regcache.
+pub struct Server {
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+impl Server {
+    /// Opens the cache and binds the listener (port 0 picks a free port).
+    pub async fn bind(config: Config) -> Result<Server, ServeError> {
+        let addr = config.listen;
+        let proxy = Proxy::new(Arc::new(config))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        Ok(Server { listener, proxy })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Serves until `shutdown` completes, then drains connections for up to [`SHUTDOWN_GRACE`].
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Server { listener, proxy } = self;
+        tracing::info!(addr = %listener.local_addr().expect("bound"), data_dir = %proxy.config().data_dir.display(), "regcache listening");
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(64 * 1024);
+        builder.http2().max_header_list_size(64 * 1024);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = Arc::clone(&proxy);
+            let service = service_fn(move |req| {
+                let proxy = Arc::clone(&proxy);
+                async move { Ok::<_, std::convert::Infallible>(handler::handle(proxy, req).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        tracing::info!("shutting down; waiting for in-flight requests");
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+        if let Err(e) = proxy.flush() {
+            tracing::error!(error = %e, "flushing the index failed");
+        }
+    }
+}
+
+/// Binds and serves `config` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    Server::bind(config).await?.serve(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Upstream authentication: `WWW-Authenticate` parsing, the Bearer token flow, Basic credentials.
+//!
+//! Tokens are cached per scope until shortly before they expire. The last Bearer challenge seen
+//! from an upstream is remembered so a request for a new repository fetches its token up front
+//! instead of paying a 401 round trip first.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http::HeaderValue;
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+/// Parses one challenge (`Bearer realm="...",service="...",scope="..."` or `Basic realm=...`).
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header
+        .split_once(char::is_whitespace)
+        .unwrap_or((header, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let params = parse_params(rest);
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
+    Some(Challenge::Bearer {
+        realm: get("realm")?,
+        service: get("service"),
+        scope: get("scope"),
+    })
+}
+
+/// `key=value` or `key="quoted, value"` pairs separated by commas.
+fn parse_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars
+            .by_ref()
+            .take_while(|c| *c != '=')
+            .collect::<String>()
+            .trim()
+            .to_owned();
+        if key.is_empty() {
+            return out;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = chars
+                .by_ref()
+                .take_while(|c| *c != ',')
+                .collect::<String>()
+                .trim()
+                .to_owned();
+        }
+        out.push((key, value));
+    }
+}
+
+/// The `Authorization: Basic` value for a username and password.
+pub fn basic(username: &str, password: &str) -> HeaderValue {
+    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    let mut v = HeaderValue::from_str(&format!("Basic {enc}")).expect("base64 is a valid header");
+    v.set_sensitive(true);
+    v
+}
+
+/// A bearer token and when to stop using it.
+#[derive(Clone)]
+pub struct Token {
+    pub header: HeaderValue,
+    pub expires_at: Instant,
+}
+
+/// Tokens shorter-lived than this are not worth caching; others are dropped this long early.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// The token lifetime registries imply when they do not say (the distribution token spec's 60 s).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The token endpoint's answer.
+#[derive(serde::Deserialize)]
+pub struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+impl TokenResponse {
+    /// The token as a header and the instant it should be refreshed; `None` without a token.
+    pub fn into_token(self, now: Instant) -> Option<Token> {
+        let raw = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
+        let mut header = HeaderValue::from_str(&format!("Bearer {raw}")).ok()?;
+        header.set_sensitive(true);
+        let lifetime = self
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        Some(Token {
+            header,
+            expires_at: now
+                + lifetime
+                    .saturating_sub(EXPIRY_MARGIN)
+                    .max(Duration::from_secs(1)),
+        })
+    }
+}
+
+struct TokenExpiry;
+
+impl moka::Expiry<String, Token> for TokenExpiry {
+    fn expire_after_create(&self, _k: &String, t: &Token, now: Instant) -> Option<Duration> {
+        Some(t.expires_at.saturating_duration_since(now))
+    }
+}
+
+/// Per-upstream authentication state.
+pub struct Auth {
+    /// `Authorization: Basic` for the configured credentials, if any.
+    pub basic: Option<HeaderValue>,
+    tokens: moka::future::Cache<String, Token>,
+    bearer: RwLock<Option<(String, Option<String>)>>,
+}
+
+impl Auth {
+    pub fn new(username: Option<&str>, password: Option<&str>) -> Arc<Auth> {
+        Arc::new(Auth {
+            basic: username.map(|u| basic(u, password.unwrap_or(""))),
+            tokens: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .expire_after(TokenExpiry)
+                .build(),
+            bearer: RwLock::new(None),
+        })
+    }
+
+    /// A cached token for `scope`, if still fresh.
+    pub async fn token(&self, scope: &str) -> Option<HeaderValue> {
+        self.tokens.get(scope).await.map(|t| t.header)
+    }
+
+    pub async fn store_token(&self, scope: String, token: Token) {
+        self.tokens.insert(scope, token).await;
+    }
+
+    pub async fn forget_token(&self, scope: &str) {
+        self.tokens.invalidate(scope).await;
+    }
+
+    /// Remembers the Bearer realm and service an upstream asked for.
+    pub fn remember_bearer(&self, realm: &str, service: Option<&str>) {
+        *self.bearer.write().expect("lock") = Some((realm.to_owned(), service.map(str::to_owned)));
+    }
+
+    /// The last Bearer realm and service seen, to fetch a token before the first request.
+    pub fn known_bearer(&self) -> Option<(String, Option<String>)> {
+        self.bearer.read().expect("lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenge() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull,push".into()),
+            }
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+        assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
+        let c = parse_challenge("bearer realm=http://a/t, service=s").unwrap();
+        assert!(
+            matches!(c, Challenge::Bearer { realm, service: Some(s), .. } if realm == "http://a/t" && s == "s")
+        );
+    }
+
+    #[test]
+    fn token_lifetimes() {
+        let now = Instant::now();
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"abc","expires_in":300}"#).unwrap();
+        let t = t.into_token(now).unwrap();
+        assert_eq!(t.header, "Bearer abc");
+        assert_eq!(t.expires_at, now + Duration::from_secs(290));
+        let t: TokenResponse = serde_json::from_str(r#"{"token":"x"}"#).unwrap();
+        assert_eq!(
+            t.into_token(now).unwrap().expires_at,
+            now + Duration::from_secs(50)
+        );
+        let t: TokenResponse = serde_json::from_str(r#"{"token":""}"#).unwrap();
+        assert!(t.into_token(now).is_none());
+    }
+
+    #[test]
+    fn basic_header() {
+        assert_eq!(basic("user", "pass"), "Basic dXNlcjpwYXNz");
+    }
+}

@@ -1,0 +1,359 @@
+//! The HTTP client for one upstream: pooled HTTP/1.1 and HTTP/2 over rustls, timeouts, failover
+//! across URLs, the 401 -> token -> retry dance, and redirects that never carry our
+//! `Authorization` to another host.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use url::Url;
+
+use super::auth::{Auth, Challenge, TokenResponse, parse_challenge};
+use crate::config::UpstreamConfig;
+use crate::oci::reference::RepoName;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+const MAX_REDIRECTS: usize = 5;
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
+
+/// Why an upstream exchange failed before it produced a response.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Io(String),
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects,
+    #[error("bad redirect location {0:?}")]
+    BadRedirect(String),
+    #[error("token endpoint {realm}: {reason}")]
+    Token { realm: String, reason: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+impl UpstreamError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Timeout(_))
+    }
+}
+
+/// What to ask an upstream for.
+pub struct UpstreamRequest<'a> {
+    pub method: Method,
+    pub repo: &'a RepoName,
+    /// The part after `/v2/<repo>/`, e.g. `manifests/latest`.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub accept: Option<&'a str>,
+    /// The client's own `Authorization`, forwarded only when the upstream is configured to.
+    pub client_auth: Option<&'a HeaderValue>,
+}
+
+/// A configured upstream registry.
+pub struct Upstream {
+    pub name: String,
+    urls: Vec<Url>,
+    preferred: AtomicUsize,
+    client: HttpClient,
+    auth: Arc<Auth>,
+    pass_client_auth: bool,
+    response_timeout: Duration,
+    read_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        let urls = cfg
+            .urls
+            .iter()
+            .map(|u| Url::parse(u).map_err(|e| UpstreamError::BadRedirect(format!("{u}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &cfg.ca_file {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| UpstreamError::Tls(format!("{}: {e}", path.display())))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| UpstreamError::Tls(format!("{}: {e}", path.display())))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Upstream {
+            name: name.to_owned(),
+            urls,
+            preferred: AtomicUsize::new(0),
+            client,
+            auth: Auth::new(cfg.username.as_deref(), cfg.password.as_deref()),
+            pass_client_auth: cfg.pass_client_auth,
+            response_timeout: cfg.response_timeout,
+            read_timeout: cfg.read_timeout,
+        })
+    }
+
+    /// Longest silence a caller should accept inside a response body.
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
+    }
+
+    /// Sends a registry API request, authenticating and following redirects as needed.
+    pub async fn send(
+        &self,
+        req: UpstreamRequest<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let scope = format!("repository:{}:pull", req.repo);
+        let mut authz = if self.pass_client_auth {
+            req.client_auth.cloned()
+        } else {
+            self.authorization(&scope).await?
+        };
+        let mut path = format!("v2/{}/{}", req.repo, req.path);
+        if let Some(q) = req.query {
+            path.push('?');
+            path.push_str(q);
+        }
+        let mut retried = false;
+        loop {
+            let resp = self
+                .send_failover(&req.method, &path, req.accept, authz.as_ref())
+                .await?;
+            if resp.status() != StatusCode::UNAUTHORIZED || self.pass_client_auth || retried {
+                return Ok(resp);
+            }
+            retried = true;
+            let challenge = resp
+                .headers()
+                .get_all(header::WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter_map(parse_challenge)
+                .next();
+            let next = match challenge {
+                Some(Challenge::Bearer {
+                    realm,
+                    service,
+                    scope: asked,
+                }) => {
+                    self.auth.remember_bearer(&realm, service.as_deref());
+                    self.auth.forget_token(&scope).await;
+                    let asked = asked.unwrap_or_else(|| scope.clone());
+                    self.fetch_token(&realm, service.as_deref(), &asked).await?
+                }
+                Some(Challenge::Basic) => self.auth.basic.clone(),
+                None => None,
+            };
+            match next {
+                Some(h) if Some(&h) != authz.as_ref() => authz = Some(h),
+                _ => return Ok(resp),
+            }
+        }
+    }
+
+    /// The credentials to send up front: a cached token, a token fetched from the realm this
+    /// upstream challenged with before, or Basic credentials.
+    async fn authorization(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
+        if let Some(t) = self.auth.token(scope).await {
+            return Ok(Some(t));
+        }
+        if let Some((realm, service)) = self.auth.known_bearer() {
+            return self.fetch_token(&realm, service.as_deref(), scope).await;
+        }
+        Ok(self.auth.basic.clone())
+    }
+
+    /// Gets a token from a Bearer realm (anonymously or with Basic credentials) and caches it.
+    /// A refusal by the token endpoint is `Ok(None)`: the upstream's 401 then stands.
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let token_err = |reason: String| UpstreamError::Token {
+            realm: realm.to_owned(),
+            reason,
+        };
+        let mut url = Url::parse(realm).map_err(|e| token_err(e.to_string()))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let resp = self
+            .exchange(&Method::GET, &url, None, self.auth.basic.as_ref())
+            .await?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Ok(None),
+            s => return Err(token_err(format!("answered {s}"))),
+        }
+        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| token_err(e.to_string()))?
+            .to_bytes();
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| token_err(e.to_string()))?;
+        let token = parsed
+            .into_token(Instant::now())
+            .ok_or_else(|| token_err("no token in the answer".into()))?;
+        let header = token.header.clone();
+        self.auth.store_token(scope.to_owned(), token).await;
+        Ok(Some(header))
+    }
+
+    /// Tries each URL in turn, starting with the last one that worked. Connection failures and
+    /// 5xx answers move on to the next URL; the last URL's answer is returned whatever it is.
+    async fn send_failover(
+        &self,
+        method: &Method,
+        path: &str,
+        accept: Option<&str>,
+        authz: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let n = self.urls.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last_err = None;
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let url = join(&self.urls[idx], path)?;
+            match self.follow(method, url, accept, authz).await {
+                Ok(resp) if resp.status().is_server_error() && i + 1 < n => {
+                    tracing::warn!(upstream = %self.name, url = %self.urls[idx], status = %resp.status(), "upstream URL failing; trying the next");
+                }
+                Ok(resp) => {
+                    if idx != first {
+                        self.preferred.store(idx, Ordering::Relaxed);
+                    }
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    if n > 1 {
+                        tracing::warn!(upstream = %self.name, url = %self.urls[idx], error = %e, "upstream URL failing; trying the next");
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or(UpstreamError::Connect("no URL answered".into())))
+    }
+
+    /// One request, following redirects. `Authorization` goes only to the original origin.
+    async fn follow(
+        &self,
+        method: &Method,
+        mut url: Url,
+        accept: Option<&str>,
+        authz: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let origin = url.origin();
+        for _ in 0..=MAX_REDIRECTS {
+            let same_origin = url.origin() == origin;
+            let resp = self
+                .exchange(method, &url, accept, authz.filter(|_| same_origin))
+                .await?;
+            if !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let Some(loc) = resp.headers().get(header::LOCATION) else {
+                return Ok(resp);
+            };
+            let loc = loc
+                .to_str()
+                .map_err(|_| UpstreamError::BadRedirect("<binary>".into()))?;
+            url = url
+                .join(loc)
+                .map_err(|_| UpstreamError::BadRedirect(loc.to_owned()))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(UpstreamError::BadRedirect(loc.to_owned()));
+            }
+        }
+        Err(UpstreamError::TooManyRedirects)
+    }
+
+    /// A single HTTP exchange with the response-header deadline.
+    async fn exchange(
+        &self,
+        method: &Method,
+        url: &Url,
+        accept: Option<&str>,
+        authz: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(url.as_str())
+            .header(header::USER_AGENT, USER_AGENT);
+        if let Some(a) = accept {
+            req = req.header(header::ACCEPT, a);
+        }
+        if let Some(a) = authz {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| UpstreamError::BadRedirect(e.to_string()))?;
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(UpstreamError::Io(error_chain(&e))),
+        }
+    }
+}
+
+fn join(base: &Url, path: &str) -> Result<Url, UpstreamError> {
+    let mut s = base.as_str().trim_end_matches('/').to_owned();
+    s.push('/');
+    s.push_str(path);
+    Url::parse(&s).map_err(|e| UpstreamError::BadRedirect(format!("{s}: {e}")))
+}
+
+/// An error with its causes, for logs (hyper's top-level messages say little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,6 @@
+//! One configured upstream registry: its URLs (failover), HTTP client and authentication.
+
+pub mod auth;
+pub mod client;
+
+pub use client::{Upstream, UpstreamError, UpstreamRequest};
