@@ -199,7 +199,7 @@ mod tests {
         ] {
             assert!(bad.parse::<RepoName>().is_err(), "{bad:?}");
         }
-        let long = vec!["a"; 128].join("/");
+        let long = vec!["a"; 129].join("/");
         assert_eq!(long.parse::<RepoName>(), Err(NameError::TooLong));
     }
 
