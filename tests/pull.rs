@@ -1,0 +1,440 @@
+//! Pull-through behaviour against a real upstream (Debian's `docker-registry`) behind a meter
+//! that counts what regcache asks for.
+
+mod common;
+
+use std::time::Duration;
+
+use common::image::{self, DOCKER_LIST, DOCKER_V2, OCI_INDEX, OCI_MANIFEST};
+use common::{
+    ACCEPT_ALL, Image, Layer, Meter, Regcache, Registry, get_blob, get_manifest, http, pull,
+};
+
+struct Setup {
+    registry: Registry,
+    meter: Meter,
+    cache: Regcache,
+}
+
+async fn setup(tweak: impl FnOnce(&mut regcache::Config)) -> Setup {
+    let registry = Registry::start().await;
+    let meter = Meter::start(registry.addr).await;
+    let cache = Regcache::start(&meter.url(), tweak).await;
+    Setup {
+        registry,
+        meter,
+        cache,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_pull_is_served_from_disk() {
+    let s = setup(|_| {}).await;
+    let img = Image::simple(1, 3);
+    s.registry.push("library/alpine", "3.19", &img).await;
+
+    let d1 = pull(&s.cache.url(), "alpine", "3.19").await;
+    assert_eq!(d1, img.digest());
+    assert_eq!(
+        s.meter.blob_gets(),
+        4,
+        "config + 3 layers fetched once each"
+    );
+
+    s.meter.reset();
+    let d2 = pull(&s.cache.url(), "library/alpine", "3.19").await;
+    assert_eq!(d2, d1);
+    assert_eq!(
+        s.meter.blob_gets(),
+        0,
+        "no upstream blob GET on the second pull"
+    );
+    assert_eq!(
+        s.meter.total(),
+        0,
+        "within the tag TTL nothing goes upstream at all"
+    );
+
+    let resp = get_manifest(&s.cache.url(), "alpine", "3.19").await;
+    assert_eq!(resp.headers()["cache-status"], "regcache; hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_base_layer_is_fetched_once_across_repositories() {
+    let s = setup(|_| {}).await;
+    let base = Layer::new(42, 200_000);
+    let a = Image::new(DOCKER_V2, "amd64", vec![base.clone(), Layer::new(43, 1000)]);
+    let b = Image::new(
+        OCI_MANIFEST,
+        "amd64",
+        vec![base.clone(), Layer::new(44, 1000)],
+    );
+    s.registry.push("team/a", "1", &a).await;
+    s.registry.push("team/b", "1", &b).await;
+
+    pull(&s.cache.url(), "team/a", "1").await;
+    pull(&s.cache.url(), "team/b", "1").await;
+    assert_eq!(
+        s.meter.count("GET", &base.digest()),
+        1,
+        "base layer fetched once for both repos"
+    );
+    assert_eq!(s.meter.blob_gets(), 5, "2 configs + 3 distinct layers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_manifest_media_type_is_served_byte_exact() {
+    let s = setup(|_| {}).await;
+    let amd = Image::new(OCI_MANIFEST, "amd64", vec![Layer::new(5, 3000)]);
+    let arm = Image::new(OCI_MANIFEST, "arm64", vec![Layer::new(6, 3000)]);
+    let docker_amd = Image::new(DOCKER_V2, "amd64", vec![Layer::new(7, 3000)]);
+    let docker_arm = Image::new(DOCKER_V2, "arm64", vec![Layer::new(8, 3000)]);
+    let cases = [
+        ("docker", docker_amd.clone()),
+        ("oci", amd.clone()),
+        ("ociindex", Image::index(OCI_INDEX, vec![amd, arm])),
+        (
+            "dockerlist",
+            Image::index(DOCKER_LIST, vec![docker_amd, docker_arm]),
+        ),
+    ];
+    for (repo, img) in &cases {
+        s.registry.push(&format!("mt/{repo}"), "v1", img).await;
+    }
+    for (repo, img) in &cases {
+        let resp = http()
+            .get(format!("{}/v2/mt/{repo}/manifests/v1", s.cache.url()))
+            .header("accept", img.media_type.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{repo}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            img.media_type.as_str(),
+            "{repo}"
+        );
+        assert_eq!(
+            resp.headers()["docker-content-digest"],
+            img.digest().as_str(),
+            "{repo}"
+        );
+        assert_eq!(
+            resp.headers()["content-length"],
+            img.manifest.len().to_string().as_str()
+        );
+        assert_eq!(
+            resp.bytes().await.unwrap(),
+            img.manifest,
+            "{repo}: byte-exact"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_arch_index_fetches_only_the_platform_asked_for() {
+    let s = setup(|_| {}).await;
+    let amd = Image::new(OCI_MANIFEST, "amd64", vec![Layer::new(11, 5000)]);
+    let arm = Image::new(OCI_MANIFEST, "arm64", vec![Layer::new(12, 5000)]);
+    let index = Image::index(OCI_INDEX, vec![amd.clone(), arm.clone()]);
+    s.registry.push("multi/app", "1", &index).await;
+
+    let resp = get_manifest(&s.cache.url(), "multi/app", "1").await;
+    assert_eq!(resp.bytes().await.unwrap(), index.manifest);
+    pull(&s.cache.url(), "multi/app", &arm.digest()).await;
+    assert_eq!(s.meter.count("GET", &arm.digest()), 1);
+    assert_eq!(
+        s.meter.count("GET", &amd.digest()),
+        0,
+        "the other platform's manifest is not fetched"
+    );
+    assert_eq!(
+        s.meter.count("GET", &amd.layers[0].digest()),
+        0,
+        "nor its layers"
+    );
+    assert_eq!(s.meter.blob_gets(), 2, "arm64 config + layer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_range_requests() {
+    let s = setup(|_| {}).await;
+    let layer = Layer::new(21, 100_000);
+    let img = Image::new(DOCKER_V2, "amd64", vec![layer.clone()]);
+    s.registry.push("r/img", "1", &img).await;
+    let base = s.cache.url();
+    let client = http();
+    let url = format!("{base}/v2/r/img/blobs/{}", layer.digest());
+    let size = layer.blob.len();
+
+    // HEAD of an uncached blob asks upstream with HEAD and downloads nothing.
+    let resp = client.head(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], size.to_string().as_str());
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        layer.digest().as_str()
+    );
+    assert_eq!(s.meter.blob_gets(), 0);
+    assert_eq!(s.meter.count("HEAD", &layer.digest()), 1);
+
+    // A range of an uncached blob: 206 with exactly those bytes (the fill runs behind it).
+    let resp = client
+        .get(&url)
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes 100-199/{size}").as_str()
+    );
+    assert_eq!(resp.bytes().await.unwrap(), layer.blob.slice(100..200));
+
+    // Cached: suffix and open ranges, HEAD from disk, 416 past the end.
+    let full = get_blob(&base, "r/img", &layer.digest()).await;
+    assert_eq!(full, layer.blob);
+    let resp = client
+        .get(&url)
+        .header("range", "bytes=-10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.bytes().await.unwrap(), layer.blob.slice(size - 10..));
+    let resp = client
+        .get(&url)
+        .header("range", format!("bytes={}-", size - 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.bytes().await.unwrap(), layer.blob.slice(size - 5..));
+    let resp = client
+        .get(&url)
+        .header("range", format!("bytes={size}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 416);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes */{size}").as_str()
+    );
+    s.meter.reset();
+    let resp = client.head(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["cache-status"], "regcache; hit");
+    assert_eq!(s.meter.total(), 0);
+
+    // Manifest HEAD carries the digest and type but no body.
+    let resp = client
+        .head(format!("{base}/v2/r/img/manifests/1"))
+        .header("accept", ACCEPT_ALL)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        img.digest().as_str()
+    );
+    assert_eq!(
+        resp.headers()["content-length"],
+        img.manifest.len().to_string().as_str()
+    );
+    assert!(resp.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
+    let s = setup(|c| c.cache.tag_ttl = Duration::from_millis(1500)).await;
+    let v1 = Image::simple(31, 1);
+    let v2 = Image::simple(32, 1);
+    s.registry.push("ttl/app", "latest", &v1).await;
+    assert_eq!(pull(&s.cache.url(), "ttl/app", "latest").await, v1.digest());
+
+    s.registry.push("ttl/app", "latest", &v2).await;
+    s.meter.reset();
+    let resp = get_manifest(&s.cache.url(), "ttl/app", "latest").await;
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        v1.digest().as_str(),
+        "within TTL: cached"
+    );
+    assert_eq!(s.meter.total(), 0);
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let resp = get_manifest(&s.cache.url(), "ttl/app", "latest").await;
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        v2.digest().as_str(),
+        "after TTL: moved"
+    );
+    assert_eq!(
+        s.meter.count("HEAD", "/manifests/latest"),
+        1,
+        "revalidated with HEAD"
+    );
+    assert_eq!(
+        s.meter.count("GET", "/manifests/latest"),
+        1,
+        "refetched because it moved"
+    );
+
+    // Unchanged after the next TTL: one HEAD, no GET.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    s.meter.reset();
+    let resp = get_manifest(&s.cache.url(), "ttl/app", "latest").await;
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        v2.digest().as_str()
+    );
+    assert_eq!(
+        resp.headers()["cache-status"],
+        "regcache; fwd=stale; fwd-status=200"
+    );
+    assert_eq!(
+        (
+            s.meter.count("HEAD", "/manifests/"),
+            s.meter.count("GET", "/manifests/")
+        ),
+        (1, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_images_are_served_stale_when_upstream_is_down() {
+    let mut s = setup(|c| c.cache.tag_ttl = Duration::from_millis(300)).await;
+    let img = Image::simple(41, 2);
+    s.registry.push("library/busybox", "1", &img).await;
+    pull(&s.cache.url(), "busybox", "1").await;
+
+    s.registry.stop();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let resp = get_manifest(&s.cache.url(), "busybox", "1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["cache-status"],
+        "regcache; hit; detail=stale-upstream-unavailable"
+    );
+    assert_eq!(pull(&s.cache.url(), "busybox", "1").await, img.digest());
+
+    // Something never cached gets a clear upstream error, not a hang.
+    let resp = get_manifest(&s.cache.url(), "busybox", "2").await;
+    let (status, code) = common::error_code(resp).await;
+    assert_eq!((status, code.as_str()), (502, "UNAVAILABLE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_serving_is_bounded_by_max_stale() {
+    let mut s = setup(|c| {
+        c.cache.tag_ttl = Duration::from_millis(200);
+        c.cache.max_stale = Duration::from_millis(300);
+    })
+    .await;
+    let img = Image::simple(45, 1);
+    s.registry.push("library/old", "1", &img).await;
+    pull(&s.cache.url(), "old", "1").await;
+    s.registry.stop();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let resp = get_manifest(&s.cache.url(), "old", "1").await;
+    assert_eq!(resp.status(), 502, "past max_stale the tag is not served");
+    // Digests are immutable: by digest it is still served.
+    let resp = get_manifest(&s.cache.url(), "old", &img.digest()).await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_things_get_oci_errors() {
+    let s = setup(|_| {}).await;
+    let img = Image::simple(51, 1);
+    s.registry.push("known/repo", "1", &img).await;
+    let base = s.cache.url();
+    let (st, code) = common::error_code(get_manifest(&base, "known/repo", "nope").await).await;
+    assert_eq!((st, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    let missing = image::sha256(b"missing");
+    let resp = http()
+        .get(format!("{base}/v2/known/repo/blobs/{missing}"))
+        .send()
+        .await
+        .unwrap();
+    let (st, code) = common::error_code(resp).await;
+    assert_eq!((st, code.as_str()), (404, "BLOB_UNKNOWN"));
+    assert_eq!(
+        common::count_files(&s.cache.data.path().join("tmp")),
+        0,
+        "failed fill left no temp file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_list_is_passed_through_and_briefly_cached() {
+    let s = setup(|_| {}).await;
+    for t in ["a", "b", "c"] {
+        s.registry
+            .push("library/tagged", t, &Image::simple(61, 1))
+            .await;
+    }
+    let base = s.cache.url();
+    let resp = http()
+        .get(format!("{base}/v2/tagged/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let mut tags: Vec<String> = serde_json::from_value(v["tags"].clone()).unwrap();
+    tags.sort();
+    assert_eq!(tags, ["a", "b", "c"]);
+    let resp = http()
+        .get(format!("{base}/v2/tagged/tags/list?n=2"))
+        .send()
+        .await
+        .unwrap();
+    let link = resp.headers()["link"].to_str().unwrap().to_owned();
+    assert!(
+        link.starts_with("</v2/tagged/tags/list?"),
+        "link rewritten to the client's name: {link}"
+    );
+    let before = s.meter.count("GET", "/tags/list");
+    http()
+        .get(format!("{base}/v2/tagged/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        s.meter.count("GET", "/tags/list"),
+        before,
+        "reused within tags_list_ttl"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_pulls_fetch_each_blob_once() {
+    let s = setup(|_| {}).await;
+    let layer = Layer::new(71, 3_000_000);
+    let img = Image::new(DOCKER_V2, "amd64", vec![layer.clone()]);
+    s.registry.push("library/big", "1", &img).await;
+    let base = s.cache.url();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (base, d) = (base.clone(), layer.digest());
+        tasks.push(tokio::spawn(
+            async move { get_blob(&base, "big", &d).await },
+        ));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), layer.blob);
+    }
+    assert_eq!(
+        s.meter.count("GET", &layer.digest()),
+        1,
+        "one upstream GET for ten clients"
+    );
+    let fetched = s.meter.bytes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        fetched <= layer.blob.len() as u64 + 4096,
+        "upstream bytes {fetched} ~ one blob"
+    );
+}
