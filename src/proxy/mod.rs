@@ -95,6 +95,8 @@ pub const MAX_DOCUMENT: usize = 4 << 20;
 
 type ManifestKey = (String, RepoName, String, String);
 type TagsKey = (String, RepoName, String);
+/// Concurrent fetches of one manifest share one upstream request.
+type ManifestFlights = Group<ManifestKey, Result<Arc<Manifest>, Arc<Error>>>;
 
 /// The cache and its upstreams.
 pub struct Proxy {
@@ -107,7 +109,7 @@ pub struct Proxy {
     index: Index,
     hot_manifests: moka::sync::Cache<crate::oci::digest::Digest, Arc<Manifest>>,
     tags_lists: moka::future::Cache<TagsKey, Arc<TagsList>>,
-    manifest_flights: Arc<Group<ManifestKey, Result<Arc<Manifest>, Arc<Error>>>>,
+    manifest_flights: Arc<ManifestFlights>,
     revalidations: Arc<Group<ManifestKey, Result<manifests::Revalidation, Arc<Error>>>>,
     fills: Arc<Fills>,
 }
