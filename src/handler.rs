@@ -237,6 +237,15 @@ fn rewrite_link(
     ns: Option<&str>,
 ) -> Option<HeaderValue> {
     let s = link.to_str().ok()?;
+    // An absolute link (`<https://upstream/v2/...>`) would send the client around us.
+    let s = match (s.find("<http://").or(s.find("<https://")), s.find('>')) {
+        (Some(0), Some(end)) => {
+            let after_scheme = s.find("//").expect("matched above") + 2;
+            let path = s[after_scheme..end].find('/').map(|i| after_scheme + i)?;
+            format!("<{}", &s[path..])
+        }
+        _ => s.to_owned(),
+    };
     let from = format!("/v2/{upstream_repo}/tags/list");
     let to = format!("/v2/{client_repo}/tags/list");
     let mut out = s.replacen(&from, &to, 1);
@@ -264,6 +273,13 @@ mod tests {
         assert_eq!(
             rewrite_link(&l, "library/alpine", "library/alpine", Some("docker.io")).unwrap(),
             "</v2/library/alpine/tags/list?n=2&last=b&ns=docker.io>; rel=\"next\""
+        );
+        let abs = HeaderValue::from_static(
+            "<https://registry-1.docker.io/v2/library/alpine/tags/list?last=b>; rel=\"next\"",
+        );
+        assert_eq!(
+            rewrite_link(&abs, "library/alpine", "alpine", None).unwrap(),
+            "</v2/alpine/tags/list?last=b>; rel=\"next\""
         );
         assert_eq!(strip_ns("n=2&ns=ghcr.io&last=x"), "n=2&last=x");
     }

@@ -101,3 +101,276 @@ pub fn respond(
         .body(super::full(body))
         .unwrap()
 }
+
+/// Faults a [`FakeRegistry`] can be told to produce; change them while it runs with `set`.
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// Demand a Bearer token from `/token` (Docker Hub's flow).
+    pub token_auth: bool,
+    /// With `token_auth`: the `Authorization` the token endpoint demands (None: anonymous ok).
+    pub token_requires: Option<String>,
+    /// Flip a byte of every blob and of every manifest fetched by digest.
+    pub corrupt: bool,
+    /// Send half of every blob, then reset the connection.
+    pub reset_blobs: bool,
+    /// Hold manifest HEADs this long before answering.
+    pub stall_head: Option<std::time::Duration>,
+    /// Answer blob GETs with a 307 to `{base}/cdn/{digest}` (a CDN on another origin).
+    pub redirect_blobs_to: Option<String>,
+    /// Answer every registry request (but `/v2/` and `/token`) with this status.
+    pub status: Option<u16>,
+}
+
+/// The token a [`FakeRegistry`] hands out.
+pub const FAKE_TOKEN: &str = "fake-upstream-token";
+
+#[derive(Default)]
+struct Content {
+    /// `repo:reference` -> (media type, bytes); references are tags and digests.
+    manifests: std::collections::HashMap<String, (String, bytes::Bytes)>,
+    blobs: std::collections::HashMap<String, bytes::Bytes>,
+    tags: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// A minimal pull-only registry with switchable faults.
+pub struct FakeRegistry {
+    pub fake: Fake,
+    faults: Arc<Mutex<Faults>>,
+    content: Arc<Mutex<Content>>,
+}
+
+impl FakeRegistry {
+    pub async fn start(faults: Faults) -> FakeRegistry {
+        let faults = Arc::new(Mutex::new(faults));
+        let content: Arc<Mutex<Content>> = Arc::default();
+        let (f, c) = (Arc::clone(&faults), Arc::clone(&content));
+        let fake = Fake::start(move |parts| {
+            let faults = f.lock().unwrap().clone();
+            let c = Arc::clone(&c);
+            async move { serve(parts, &faults, &c).await }
+        })
+        .await;
+        FakeRegistry {
+            fake,
+            faults,
+            content,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.fake.url()
+    }
+
+    pub fn set(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.faults.lock().unwrap());
+    }
+
+    /// Publishes `image` (and its children) as `repo:tag`.
+    pub fn add(&self, repo: &str, tag: &str, image: &super::Image) {
+        let mut c = self.content.lock().unwrap();
+        let entry = (image.media_type.clone(), image.manifest.clone());
+        c.manifests.insert(format!("{repo}:{tag}"), entry.clone());
+        c.manifests
+            .insert(format!("{repo}:{}", image.digest()), entry);
+        for (d, mt, bytes) in image.child_manifests() {
+            c.manifests.insert(format!("{repo}:{d}"), (mt, bytes));
+        }
+        for b in image.blobs() {
+            c.blobs.insert(super::image::sha256(&b), b);
+        }
+        let tags = c.tags.entry(repo.to_owned()).or_default();
+        if !tags.iter().any(|t| t == tag) {
+            tags.push(tag.to_owned());
+            tags.sort();
+        }
+    }
+
+    pub fn count(&self, method: &str, fragment: &str) -> usize {
+        self.fake.count(method, fragment)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.fake.requests()
+    }
+}
+
+fn challenge(host: &str, scope: Option<&str>) -> http::Response<BoxBody> {
+    let mut v = format!("Bearer realm=\"http://{host}/token\",service=\"fake\"");
+    if let Some(scope) = scope {
+        v.push_str(&format!(",scope=\"{scope}\""));
+    }
+    respond(
+        401,
+        &[
+            ("www-authenticate", &v),
+            ("content-type", "application/json"),
+        ],
+        r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+    )
+}
+
+async fn serve(parts: Parts, faults: &Faults, content: &Mutex<Content>) -> http::Response<BoxBody> {
+    let host = parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_owned();
+    let auth = parts
+        .headers
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let path = parts.uri.path().to_owned();
+    let head = parts.method == http::Method::HEAD;
+
+    if path == "/token" {
+        if faults.token_requires.is_some() && auth != faults.token_requires {
+            return respond(401, &[], r#"{"details":"incorrect username or password"}"#);
+        }
+        let body = format!(r#"{{"token":"{FAKE_TOKEN}","expires_in":300}}"#);
+        return respond(200, &[("content-type", "application/json")], body);
+    }
+    if let Some(digest) = path.strip_prefix("/cdn/") {
+        let blob = content.lock().unwrap().blobs.get(digest).cloned();
+        return match blob {
+            Some(b) => respond(200, &[("content-type", "application/octet-stream")], b),
+            None => respond(404, &[], ""),
+        };
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return respond(404, &[], "");
+    };
+    let (repo, kind, reference) = if rest.is_empty() {
+        ("", "base", "")
+    } else if let Some((repo, r)) = rest.rsplit_once("/manifests/") {
+        (repo, "manifest", r)
+    } else if let Some((repo, r)) = rest.rsplit_once("/blobs/") {
+        (repo, "blob", r)
+    } else if let Some(repo) = rest.strip_suffix("/tags/list") {
+        (repo, "tags", "")
+    } else {
+        return respond(404, &[], "");
+    };
+    if faults.token_auth && auth.as_deref() != Some(&format!("Bearer {FAKE_TOKEN}")) {
+        let scope = (!repo.is_empty()).then(|| format!("repository:{repo}:pull"));
+        return challenge(&host, scope.as_deref());
+    }
+    if kind == "base" {
+        return respond(200, &[("content-type", "application/json")], "{}");
+    }
+    if let Some(status) = faults.status {
+        return respond(
+            status,
+            &[("retry-after", "7"), ("content-type", "application/json")],
+            r#"{"errors":[{"code":"UNKNOWN","message":"injected"}]}"#,
+        );
+    }
+    match kind {
+        "manifest" => {
+            if head && let Some(d) = faults.stall_head {
+                tokio::time::sleep(d).await;
+            }
+            let found = content
+                .lock()
+                .unwrap()
+                .manifests
+                .get(&format!("{repo}:{reference}"))
+                .cloned();
+            let Some((mt, mut bytes)) = found else {
+                return respond(404, &[], r#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#);
+            };
+            let digest = super::image::sha256(&bytes);
+            if faults.corrupt && reference.starts_with("sha256:") {
+                bytes = corrupt(&bytes);
+            }
+            respond(
+                200,
+                &[("content-type", &mt), ("docker-content-digest", &digest)],
+                bytes,
+            )
+        }
+        "blob" => {
+            let Some(bytes) = content.lock().unwrap().blobs.get(reference).cloned() else {
+                return respond(404, &[], r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#);
+            };
+            if let Some(cdn) = &faults.redirect_blobs_to
+                && !head
+            {
+                return respond(307, &[("location", &format!("{cdn}/cdn/{reference}"))], "");
+            }
+            let headers = [
+                ("content-type", "application/octet-stream"),
+                ("docker-content-digest", reference),
+            ];
+            if faults.reset_blobs && !head {
+                return half_then_reset(&bytes, &headers);
+            }
+            let bytes = if faults.corrupt {
+                corrupt(&bytes)
+            } else {
+                bytes
+            };
+            respond(200, &headers, bytes)
+        }
+        _ => {
+            let tags = content.lock().unwrap().tags.get(repo).cloned();
+            let Some(tags) = tags else {
+                return respond(404, &[], r#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#);
+            };
+            // Paginate by `n` and `last` as the spec says, with a relative Link.
+            let q: std::collections::HashMap<String, String> =
+                url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                    .into_owned()
+                    .collect();
+            let after: Vec<String> = tags
+                .into_iter()
+                .filter(|t| q.get("last").is_none_or(|l| t > l))
+                .collect();
+            let n = q
+                .get("n")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(usize::MAX);
+            let page: Vec<String> = after.iter().take(n).cloned().collect();
+            let body = serde_json::json!({"name": repo, "tags": page}).to_string();
+            if after.len() > page.len() {
+                let last = page.last().cloned().unwrap_or_default();
+                let link = format!("</v2/{repo}/tags/list?n={n}&last={last}>; rel=\"next\"");
+                respond(
+                    200,
+                    &[("content-type", "application/json"), ("link", &link)],
+                    body,
+                )
+            } else {
+                respond(200, &[("content-type", "application/json")], body)
+            }
+        }
+    }
+}
+
+fn corrupt(b: &bytes::Bytes) -> bytes::Bytes {
+    let mut v = b.to_vec();
+    let mid = v.len() / 2;
+    v[mid] ^= 0xff;
+    v.into()
+}
+
+/// Headers promising the whole blob, half of it, then a broken connection.
+fn half_then_reset(b: &bytes::Bytes, headers: &[(&str, &str)]) -> http::Response<BoxBody> {
+    use http_body_util::BodyExt as _;
+    let half = b.slice(..b.len() / 2);
+    let frames = futures_util::stream::iter(vec![
+        Ok(hyper::body::Frame::data(half)),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "injected reset",
+        )),
+    ]);
+    let mut r = http::Response::builder().status(200);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.header("content-length", b.len())
+        .body(http_body_util::StreamBody::new(frames).boxed())
+        .unwrap()
+}

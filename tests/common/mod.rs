@@ -2,7 +2,7 @@
 //! counts what regcache asks upstream for, generated images pushed through the registry API,
 //! regcache itself in-process on port 0, and a small fake upstream for what a real registry
 //! cannot do on demand (token auth, wrong bytes, stalls, redirects).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod fake;
 pub mod image;
@@ -418,18 +418,39 @@ pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, applicati
 
 /// GETs a manifest through regcache with every modern `Accept`.
 pub async fn get_manifest(base: &str, repo: &str, reference: &str) -> reqwest::Response {
-    http()
+    get_manifest_as(base, repo, reference, None).await
+}
+
+/// [`get_manifest`] with the client's own `Authorization`.
+pub async fn get_manifest_as(
+    base: &str,
+    repo: &str,
+    reference: &str,
+    authorization: Option<&str>,
+) -> reqwest::Response {
+    let mut req = http()
         .get(format!("{base}/v2/{repo}/manifests/{reference}"))
-        .header("accept", ACCEPT_ALL)
-        .send()
-        .await
-        .unwrap()
+        .header("accept", ACCEPT_ALL);
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    req.send().await.unwrap()
 }
 
 /// Pulls an image the way a client does (manifest, config, layers; every child of an index)
 /// and checks every digest. Returns the manifest digest.
 pub async fn pull(base: &str, repo: &str, reference: &str) -> String {
-    let resp = get_manifest(base, repo, reference).await;
+    pull_as(base, repo, reference, None).await
+}
+
+/// [`pull`] sending the client's own `Authorization` on every request, as dockerd does.
+pub async fn pull_as(
+    base: &str,
+    repo: &str,
+    reference: &str,
+    authorization: Option<&str>,
+) -> String {
+    let resp = get_manifest_as(base, repo, reference, authorization).await;
     assert_eq!(
         resp.status(),
         200,
@@ -449,7 +470,13 @@ pub async fn pull(base: &str, repo: &str, reference: &str) -> String {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     if let Some(children) = v["manifests"].as_array() {
         for c in children {
-            Box::pin(pull(base, repo, c["digest"].as_str().unwrap())).await;
+            Box::pin(pull_as(
+                base,
+                repo,
+                c["digest"].as_str().unwrap(),
+                authorization,
+            ))
+            .await;
         }
         return digest;
     }
@@ -462,18 +489,27 @@ pub async fn pull(base: &str, repo: &str, reference: &str) -> String {
             .map(|l| l["digest"].as_str().unwrap().to_owned()),
     );
     for b in blobs {
-        let got = get_blob(base, repo, &b).await;
+        let got = get_blob_as(base, repo, &b, authorization).await;
         assert_eq!(image::sha256(&got), b, "blob bytes match their digest");
     }
     digest
 }
 
 pub async fn get_blob(base: &str, repo: &str, digest: &str) -> Bytes {
-    let resp = http()
-        .get(format!("{base}/v2/{repo}/blobs/{digest}"))
-        .send()
-        .await
-        .unwrap();
+    get_blob_as(base, repo, digest, None).await
+}
+
+pub async fn get_blob_as(
+    base: &str,
+    repo: &str,
+    digest: &str,
+    authorization: Option<&str>,
+) -> Bytes {
+    let mut req = http().get(format!("{base}/v2/{repo}/blobs/{digest}"));
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    let resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 200, "blob {digest}");
     resp.bytes().await.unwrap()
 }
