@@ -27,6 +27,9 @@ pub const DEFAULT_MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_CONCURRENT: usize = 32;
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(15);
 /// The namespace Docker Hub gives one-component names (`alpine` -> `library/alpine`).
 pub const DOCKER_HUB_LIBRARY: &str = "library";
 pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
@@ -115,6 +118,16 @@ pub struct UpstreamConfig {
     /// Longest silence allowed inside a response body.
     #[serde(default = "d_read_timeout", with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Concurrent requests to this upstream (a blob download holds its slot to the last
+    /// byte); more wait in line.
+    #[serde(default = "d_max_concurrent")]
+    pub max_concurrent: usize,
+    /// Consecutive failures (connect errors, timeouts, 5xx) that open the circuit breaker.
+    #[serde(default = "d_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker answers at once without asking upstream, before one probe.
+    #[serde(default = "d_breaker_open_for", with = "humantime_serde")]
+    pub breaker_open_for: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -149,6 +162,15 @@ fn d_connect_timeout() -> Duration {
 }
 fn d_response_timeout() -> Duration {
     DEFAULT_RESPONSE_TIMEOUT
+}
+fn d_max_concurrent() -> usize {
+    DEFAULT_MAX_CONCURRENT
+}
+fn d_breaker_failures() -> u32 {
+    DEFAULT_BREAKER_FAILURES
+}
+fn d_breaker_open_for() -> Duration {
+    DEFAULT_BREAKER_OPEN_FOR
 }
 fn d_read_timeout() -> Duration {
     DEFAULT_READ_TIMEOUT
@@ -189,6 +211,9 @@ impl UpstreamConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_open_for: DEFAULT_BREAKER_OPEN_FOR,
         }
     }
 }
@@ -348,6 +373,12 @@ impl Config {
                 p.push(format!(
                     "{key}.short_name_prefix: {prefix:?} is not a valid repository path"
                 ));
+            }
+            if u.max_concurrent == 0 {
+                p.push(format!("{key}.max_concurrent: must be at least 1"));
+            }
+            if u.breaker_failures == 0 {
+                p.push(format!("{key}.breaker_failures: must be at least 1"));
             }
             if u.password.is_some() && u.username.is_none() {
                 p.push(format!("{key}.password: set without username"));

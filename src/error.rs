@@ -118,6 +118,9 @@ impl Error {
             UpstreamStatus { .. } | DigestMismatch { .. } => {
                 ("UNAVAILABLE", StatusCode::BAD_GATEWAY)
             }
+            Upstream { source, .. } if source.retry_in().is_some() => {
+                ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE)
+            }
             Upstream { source, .. } if source.is_timeout() => {
                 ("UNAVAILABLE", StatusCode::GATEWAY_TIMEOUT)
             }
@@ -170,6 +173,10 @@ impl Error {
                 ..
             } => {
                 h.insert(header::RETRY_AFTER, v.clone());
+            }
+            Error::Upstream { source, .. } if source.retry_in().is_some() => {
+                let secs = source.retry_in().unwrap_or_default().as_secs().max(1);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             Error::RangeNotSatisfiable { size } => {
                 h.insert(

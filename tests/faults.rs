@@ -293,11 +293,6 @@ async fn upstream_error_statuses_become_oci_errors_and_nothing_is_stored() {
     up.add("library/app", "1", &img);
     let cache = Regcache::start(&up.url(), |_| {}).await;
 
-    up.set(|f| f.status = Some(429));
-    let resp = get_manifest(&cache.url(), "app", "1").await;
-    assert_eq!(resp.headers()["retry-after"], "7", "Retry-After passed on");
-    assert_eq!(error_code(resp).await, (429, "TOOMANYREQUESTS".into()));
-
     up.set(|f| f.status = Some(503));
     let resp = get_manifest(&cache.url(), "app", "1").await;
     assert_eq!(error_code(resp).await, (502, "UNAVAILABLE".into()));
@@ -310,9 +305,26 @@ async fn upstream_error_statuses_become_oci_errors_and_nothing_is_stored() {
     assert_eq!(error_code(resp).await, (502, "UNAVAILABLE".into()));
     assert_eq!(cache.stored_files(), 0);
 
-    // Recovery is immediate: failures are not cached.
+    // Recovery is immediate (below the breaker's threshold): failures are not cached.
     up.set(|f| f.status = None);
     assert_eq!(pull(&cache.url(), "app", "1").await, img.digest());
+
+    // A 429 is passed on with upstream's Retry-After, and honoured: until it passes, no
+    // request goes upstream and clients hear 429 at once.
+    up.set(|f| f.status = Some(429));
+    let resp = get_manifest(&cache.url(), "app", "2").await;
+    assert_eq!(resp.headers()["retry-after"], "7", "Retry-After passed on");
+    assert_eq!(error_code(resp).await, (429, "TOOMANYREQUESTS".into()));
+    let before = up.requests().len();
+    let resp = get_manifest(&cache.url(), "app", "3").await;
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=7).contains(&wait), "remaining pause, got {wait}");
+    assert_eq!(error_code(resp).await, (429, "TOOMANYREQUESTS".into()));
+    assert_eq!(up.requests().len(), before, "nothing sent while paused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,7 +302,8 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let _ = tx.send(Progress::Streaming { readable: 0, size });
-    let mut body = resp.into_body();
+    // The parts carry the upstream slot (see `Upstream::send`): held until the last byte.
+    let (_slot, mut body) = resp.into_parts();
     let mut verifier = Some(Verifier::new(spec.digest.algorithm()));
     let mut written: u64 = 0;
     let upstream_err = |source| Error::Upstream {

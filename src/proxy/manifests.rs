@@ -176,6 +176,14 @@ impl Proxy {
             .get(DIGEST_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok());
+        if !matches!(
+            status,
+            StatusCode::OK | StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_FOUND
+        ) {
+            return Err(status_error(t, status, resp.headers(), || unreachable!()));
+        }
+        // Free the upstream slot before a follow-up GET needs one.
+        drop(resp);
         match (status, current) {
             (StatusCode::OK, Some(d)) if &d == cached => {
                 let media_type = self
@@ -206,11 +214,11 @@ impl Proxy {
                     Revalidation::Changed(m)
                 })
             }
-            (StatusCode::NOT_FOUND, _) => {
+            // 404, the only status left: the tag is gone upstream.
+            _ => {
                 self.index.remove_tag(up, &t.repo, tag)?;
                 Err(Error::ManifestUnknown(format!("{}:{tag}", t.repo)))
             }
-            (status, _) => Err(status_error(t, status, resp.headers(), || unreachable!())),
         }
     }
 

@@ -272,13 +272,16 @@ impl Proxy {
 
 /// Sends a request to a target's upstream, mapping transport failures.
 async fn send(t: &Target, req: UpstreamRequest<'_>) -> Result<Response<Incoming>> {
-    t.upstream
-        .send(req)
-        .await
-        .map_err(|source| Error::Upstream {
+    t.upstream.send(req).await.map_err(|source| match source {
+        UpstreamError::RateLimited(d) => Error::UpstreamRateLimited {
+            upstream: t.upstream.name.clone(),
+            retry_after: Some(HeaderValue::from(d.as_secs().max(1))),
+        },
+        source => Error::Upstream {
             upstream: t.upstream.name.clone(),
             source,
-        })
+        },
+    })
 }
 
 /// Passes a 2xx answer on; turns every other status into the error a client should see.

@@ -19,6 +19,7 @@ use rustls_pki_types::pem::PemObject;
 use url::Url;
 
 use super::auth::{Auth, Challenge, TokenResponse, parse_challenge};
+use super::guard::{BreakerState, Guard, GuardConfig, Outcome, Refusal};
 use crate::config::UpstreamConfig;
 use crate::oci::reference::RepoName;
 
@@ -45,11 +46,34 @@ pub enum UpstreamError {
     Token { realm: String, reason: String },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("paused for {:?} more: upstream answered 429 Too Many Requests", .0)]
+    RateLimited(Duration),
+    #[error("circuit breaker open after repeated failures; next try in {:?}", .0)]
+    CircuitOpen(Duration),
 }
 
 impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, UpstreamError::Timeout(_))
+    }
+
+    /// How long until asking again makes sense, when regcache itself holds back.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::RateLimited(d) | UpstreamError::CircuitOpen(d) => Some(*d),
+            _ => None,
+        }
+    }
+
+    /// Whether this says the upstream is unwell (as opposed to a refusal of ours).
+    fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(_)
+                | UpstreamError::Timeout(_)
+                | UpstreamError::Io(_)
+                | UpstreamError::Token { .. }
+        )
     }
 }
 
@@ -75,6 +99,7 @@ pub struct Upstream {
     pass_client_auth: bool,
     response_timeout: Duration,
     read_timeout: Duration,
+    guard: Guard,
 }
 
 impl Upstream {
@@ -124,6 +149,11 @@ impl Upstream {
             pass_client_auth: cfg.pass_client_auth,
             response_timeout: cfg.response_timeout,
             read_timeout: cfg.read_timeout,
+            guard: Guard::new(GuardConfig {
+                max_concurrent: cfg.max_concurrent,
+                failure_threshold: cfg.breaker_failures,
+                open_for: cfg.breaker_open_for,
+            }),
         })
     }
 
@@ -132,8 +162,55 @@ impl Upstream {
         self.read_timeout
     }
 
+    /// The circuit breaker's state.
+    pub fn breaker(&self) -> BreakerState {
+        self.guard.state()
+    }
+
     /// Sends a registry API request, authenticating and following redirects as needed.
+    ///
+    /// The request waits for one of the upstream's `max_concurrent` slots and is refused at
+    /// once while upstream is rate limiting us or the breaker is open. The slot travels in the
+    /// response's extensions: it is freed when the response (its parts) is dropped, so keep
+    /// the parts alive while reading the body.
     pub async fn send(
+        &self,
+        req: UpstreamRequest<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let permit = self.guard.admit().await.map_err(|r| match r {
+            Refusal::RateLimited(d) => UpstreamError::RateLimited(d),
+            Refusal::CircuitOpen(d) => UpstreamError::CircuitOpen(d),
+        })?;
+        let result = self.send_admitted(req).await;
+        let outcome = match &result {
+            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                Outcome::RateLimited(super::guard::retry_after(resp.headers()))
+            }
+            Ok(resp) if resp.status().is_server_error() => Outcome::Failure,
+            Err(e) if e.is_upstream_failure() => Outcome::Failure,
+            _ => Outcome::Success,
+        };
+        if let Some(state) = self.guard.record(outcome) {
+            match state {
+                BreakerState::Open => {
+                    tracing::warn!(upstream = %self.name, "circuit breaker open: upstream keeps failing; answering from cache or with errors until it recovers")
+                }
+                BreakerState::Closed => {
+                    tracing::info!(upstream = %self.name, "circuit breaker closed: upstream answers again")
+                }
+                BreakerState::HalfOpen => {}
+            }
+        }
+        if let Outcome::RateLimited(after) = outcome {
+            tracing::warn!(upstream = %self.name, retry_after = ?after, "upstream answered 429; pausing requests to it");
+        }
+        result.map(|mut resp| {
+            resp.extensions_mut().insert(Arc::new(permit));
+            resp
+        })
+    }
+
+    async fn send_admitted(
         &self,
         req: UpstreamRequest<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {

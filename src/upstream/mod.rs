@@ -2,5 +2,6 @@
 
 pub mod auth;
 pub mod client;
+pub mod guard;
 
 pub use client::{Upstream, UpstreamError, UpstreamRequest};

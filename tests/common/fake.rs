@@ -119,6 +119,35 @@ pub struct Faults {
     pub redirect_blobs_to: Option<String>,
     /// Answer every registry request (but `/v2/` and `/token`) with this status.
     pub status: Option<u16>,
+    /// Send blob bodies in this many pieces with this pause before each.
+    pub drip: Option<(usize, std::time::Duration)>,
+}
+
+/// Requests the fake is busy with (handler running or body still being sent).
+#[derive(Default)]
+pub struct Load {
+    pub now: std::sync::atomic::AtomicUsize,
+    pub peak: std::sync::atomic::AtomicUsize,
+    /// Blob bodies sent to their last byte.
+    pub blobs_completed: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one busy request while alive.
+struct Busy(Arc<Load>);
+
+impl Busy {
+    fn new(load: &Arc<Load>) -> Busy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = load.now.fetch_add(1, SeqCst) + 1;
+        load.peak.fetch_max(now, SeqCst);
+        Busy(Arc::clone(load))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The token a [`FakeRegistry`] hands out.
@@ -135,6 +164,7 @@ struct Content {
 /// A minimal pull-only registry with switchable faults.
 pub struct FakeRegistry {
     pub fake: Fake,
+    pub load: Arc<Load>,
     faults: Arc<Mutex<Faults>>,
     content: Arc<Mutex<Content>>,
 }
@@ -143,15 +173,20 @@ impl FakeRegistry {
     pub async fn start(faults: Faults) -> FakeRegistry {
         let faults = Arc::new(Mutex::new(faults));
         let content: Arc<Mutex<Content>> = Arc::default();
-        let (f, c) = (Arc::clone(&faults), Arc::clone(&content));
+        let load: Arc<Load> = Arc::default();
+        let (f, c, l) = (Arc::clone(&faults), Arc::clone(&content), Arc::clone(&load));
         let fake = Fake::start(move |parts| {
             let faults = f.lock().unwrap().clone();
-            let c = Arc::clone(&c);
-            async move { serve(parts, &faults, &c).await }
+            let (c, l) = (Arc::clone(&c), Arc::clone(&l));
+            async move {
+                let busy = Busy::new(&l);
+                serve(parts, &faults, &c, busy).await
+            }
         })
         .await;
         FakeRegistry {
             fake,
+            load,
             faults,
             content,
         }
@@ -209,7 +244,12 @@ fn challenge(host: &str, scope: Option<&str>) -> http::Response<BoxBody> {
     )
 }
 
-async fn serve(parts: Parts, faults: &Faults, content: &Mutex<Content>) -> http::Response<BoxBody> {
+async fn serve(
+    parts: Parts,
+    faults: &Faults,
+    content: &Mutex<Content>,
+    busy: Busy,
+) -> http::Response<BoxBody> {
     let host = parts
         .headers
         .get("host")
@@ -311,7 +351,11 @@ async fn serve(parts: Parts, faults: &Faults, content: &Mutex<Content>) -> http:
             } else {
                 bytes
             };
-            respond(200, &headers, bytes)
+            if head {
+                return respond(200, &headers, bytes);
+            }
+            let (pieces, pause) = faults.drip.unwrap_or((1, std::time::Duration::ZERO));
+            drip(bytes, &headers, pieces, pause, busy)
         }
         _ => {
             let tags = content.lock().unwrap().tags.get(repo).cloned();
@@ -371,6 +415,52 @@ fn half_then_reset(b: &bytes::Bytes, headers: &[(&str, &str)]) -> http::Response
         r = r.header(*k, *v);
     }
     r.header("content-length", b.len())
+        .body(http_body_util::StreamBody::new(frames).boxed())
+        .unwrap()
+}
+
+/// A body sent in `pieces` parts, each after `pause`; `busy` lives until the last byte is out.
+fn drip(
+    b: bytes::Bytes,
+    headers: &[(&str, &str)],
+    pieces: usize,
+    pause: std::time::Duration,
+    busy: Busy,
+) -> http::Response<BoxBody> {
+    use http_body_util::BodyExt as _;
+    let step = b.len().div_ceil(pieces.max(1)).max(1);
+    let len = b.len();
+    let frames = futures_util::stream::unfold((0usize, Some(busy)), move |(at, busy)| {
+        let b = b.clone();
+        async move {
+            if at >= b.len() {
+                return None;
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            let end = (at + step).min(b.len());
+            let busy = if end == b.len() {
+                if let Some(busy) = &busy {
+                    busy.0
+                        .blobs_completed
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                None
+            } else {
+                busy
+            };
+            Some((
+                Ok::<_, std::io::Error>(hyper::body::Frame::data(b.slice(at..end))),
+                (end, busy),
+            ))
+        }
+    });
+    let mut r = http::Response::builder().status(200);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.header("content-length", len)
         .body(http_body_util::StreamBody::new(frames).boxed())
         .unwrap()
 }
