@@ -1,0 +1,280 @@
+//! Stream-while-filling and single flight, deterministic against the in-process fake upstream
+//! (which can drip-feed, reset and count what it is busy with), plus upstream politeness: the
+//! concurrency cap and the circuit breaker.
+
+mod common;
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::fake::{FakeRegistry, Faults};
+use common::image::{self, Image, Layer};
+use common::{Regcache, error_code, get_manifest, http, pull};
+
+/// An image with one layer of `size` bytes of noise, published as `library/app:1`.
+async fn upstream_with_layer(faults: Faults, seed: u64, size: usize) -> (FakeRegistry, Image) {
+    let up = FakeRegistry::start(faults).await;
+    let img = Image::new(image::DOCKER_V2, "amd64", vec![Layer::new(seed, size)]);
+    up.add("library/app", "1", &img);
+    (up, img)
+}
+
+fn blob_url(cache: &Regcache, digest: &str) -> String {
+    format!("{}/v2/app/blobs/{digest}", cache.url())
+}
+
+async fn get_all(url: &str) -> Result<Bytes, String> {
+    let resp = http().get(url).send().await.map_err(|e| e.to_string())?;
+    if resp.status() != 200 {
+        return Err(format!("status {}", resp.status()));
+    }
+    resp.bytes().await.map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_gets_share_one_upstream_fetch_that_streams() {
+    let faults = Faults {
+        drip: Some((10, Duration::from_millis(80))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 1, 2 << 20).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    // Stream-through: the first bytes arrive while upstream is still sending.
+    let mut first = http().get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let chunk = first.chunk().await.unwrap().expect("a first chunk");
+    assert!(!chunk.is_empty());
+    assert_eq!(
+        up.load.blobs_completed.load(SeqCst),
+        0,
+        "the client got bytes before upstream finished"
+    );
+
+    // Everyone else joins the same fetch, including Range requests.
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move { get_all(&url).await }));
+    }
+    let range = http()
+        .get(&url)
+        .header("range", "bytes=2000000-2000099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(range.status(), 206);
+    let want = img.layers[0].blob.clone();
+    assert_eq!(
+        range.bytes().await.unwrap(),
+        want.slice(2_000_000..2_000_100)
+    );
+
+    let mut rest = chunk.to_vec();
+    while let Some(c) = first.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert_eq!(image::sha256(&rest), layer);
+    for t in tasks {
+        assert_eq!(image::sha256(&t.await.unwrap().unwrap()), layer);
+    }
+    assert_eq!(
+        up.count("GET", &layer),
+        1,
+        "one upstream GET for 14 clients"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_nothing_for_the_others() {
+    let faults = Faults {
+        drip: Some((8, Duration::from_millis(60))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 2, 1 << 20).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    let mut quitter = http().get(&url).send().await.unwrap();
+    quitter.chunk().await.unwrap().expect("first chunk");
+    let stayer = tokio::spawn({
+        let url = url.clone();
+        async move { get_all(&url).await }
+    });
+    drop(quitter);
+
+    let got = stayer.await.unwrap().unwrap();
+    assert_eq!(image::sha256(&got), layer);
+    assert_eq!(up.count("GET", &layer), 1);
+    // The fill finished and committed: the next request is a hit.
+    let resp = http().get(&url).send().await.unwrap();
+    assert_eq!(resp.headers()["cache-status"], "regcache; hit");
+    assert_eq!(up.count("GET", &layer), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_the_only_client_abandons_still_completes() {
+    let faults = Faults {
+        drip: Some((6, Duration::from_millis(50))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 3, 512 << 10).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    let mut only = http().get(&url).send().await.unwrap();
+    only.chunk().await.unwrap().expect("first chunk");
+    drop(only);
+    // The fill goes on without any reader and commits.
+    for _ in 0..100 {
+        if up.load.blobs_completed.load(SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resp = http().get(&url).send().await.unwrap();
+    assert_eq!(resp.headers()["cache-status"], "regcache; hit");
+    assert_eq!(image::sha256(&resp.bytes().await.unwrap()), layer);
+    assert_eq!(up.count("GET", &layer), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_fails_every_joined_reader_commits_nothing_and_the_retry_succeeds() {
+    let faults = Faults {
+        reset_blobs: true,
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 4, 1 << 20).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get_all(&url).await })
+        })
+        .collect();
+    for r in readers {
+        assert!(
+            r.await.unwrap().is_err(),
+            "a reader got a complete-looking body"
+        );
+    }
+    assert_eq!(cache.stored_files(), 0, "nothing committed");
+    let failed_fetches = up.count("GET", &layer);
+    assert!(
+        (1..=4).contains(&failed_fetches),
+        "readers that arrived during the fill joined it"
+    );
+
+    up.set(|f| f.reset_blobs = false);
+    assert_eq!(image::sha256(&get_all(&url).await.unwrap()), layer);
+    assert_eq!(up.count("GET", &layer), failed_fetches + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_does_not_slow_a_fast_one() {
+    let (up, img) = upstream_with_layer(Faults::default(), 5, 24 << 20).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    // The slow client reads one chunk and then stops reading.
+    let mut slow = http().get(&url).send().await.unwrap();
+    let mut slow_got = slow.chunk().await.unwrap().unwrap().to_vec();
+    // The fast client gets all 24 MiB while the slow one sits there (far more than socket
+    // buffers hold, so a fill paced by the slowest reader would stall it).
+    let fast = tokio::time::timeout(Duration::from_secs(30), get_all(&url))
+        .await
+        .expect("the fast reader finished while the slow one was stalled")
+        .unwrap();
+    assert_eq!(image::sha256(&fast), layer);
+    // The slow one then finishes with the right bytes too.
+    while let Some(c) = slow.chunk().await.unwrap() {
+        slow_got.extend_from_slice(&c);
+    }
+    assert_eq!(image::sha256(&slow_got), layer);
+    assert_eq!(up.count("GET", &layer), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_concurrency_is_capped_and_the_rest_wait_in_line() {
+    let up = FakeRegistry::start(Faults {
+        drip: Some((4, Duration::from_millis(40))),
+        ..Faults::default()
+    })
+    .await;
+    let img = Image::new(
+        image::DOCKER_V2,
+        "amd64",
+        (0..6).map(|i| Layer::new(60 + i, 64 << 10)).collect(),
+    );
+    up.add("library/app", "1", &img);
+    let cache = Regcache::start(&up.url(), |c| {
+        c.upstreams.get_mut("docker.io").unwrap().max_concurrent = 2;
+    })
+    .await;
+    let tasks: Vec<_> = img
+        .layers
+        .iter()
+        .map(|l| {
+            let (url, d) = (blob_url(&cache, &l.digest()), l.digest());
+            tokio::spawn(async move { (d, get_all(&url).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (d, got) = t.await.unwrap();
+        assert_eq!(image::sha256(&got.expect("queued, not failed")), d);
+    }
+    // The slot is held through the body, so the drip-fed bodies never overlapped past 2.
+    assert_eq!(up.load.peak.load(SeqCst), 2);
+    assert_eq!(up.count("GET", "/blobs/"), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_upstream_trips_the_breaker_and_clients_get_fast_answers() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    let (cached, other) = (Image::simple(71, 1), Image::simple(72, 1));
+    up.add("library/app", "1", &cached);
+    up.add("library/other", "1", &other);
+    let cache = Regcache::start(&up.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(1);
+        let u = c.upstreams.get_mut("docker.io").unwrap();
+        u.breaker_failures = 2;
+        u.breaker_open_for = Duration::from_millis(800);
+    })
+    .await;
+    assert_eq!(pull(&cache.url(), "app", "1").await, cached.digest());
+
+    up.set(|f| f.status = Some(500));
+    for _ in 0..2 {
+        let resp = get_manifest(&cache.url(), "other", "1").await;
+        assert_eq!(error_code(resp).await, (502, "UNAVAILABLE".into()));
+    }
+    let sent = up.requests().len();
+    // Open: no upstream contact. Uncached content gets 503 with Retry-After ...
+    let resp = get_manifest(&cache.url(), "other", "1").await;
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(error_code(resp).await, (503, "UNAVAILABLE".into()));
+    // ... and a cached tag past its TTL is served stale.
+    let resp = get_manifest(&cache.url(), "app", "1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["cache-status"],
+        "regcache; hit; detail=stale-upstream-unavailable"
+    );
+    assert_eq!(up.requests().len(), sent, "nothing sent while open");
+
+    // After open_for one probe goes; upstream has healed, so the breaker closes.
+    up.set(|f| f.status = None);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(pull(&cache.url(), "other", "1").await, other.digest());
+    assert_eq!(pull(&cache.url(), "app", "1").await, cached.digest());
+}
