@@ -110,7 +110,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(config: &Config, format: Option<LogFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format.unwrap_or(config.log.format) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
