@@ -39,6 +39,10 @@ pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "regist
 pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// A second address serving only `/metrics`, `/healthz` and `/readyz` (they are on
+    /// `listen` too).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// Upstream for names that no prefix, `ns` or alias routes elsewhere (registry-mirror traffic).

@@ -15,13 +15,24 @@ use crate::cache::flight::Reader;
 use crate::error::{Error, Origin, Result};
 use crate::oci::route::{self, Route};
 use crate::oci::{API_VERSION_HEADER, DIGEST_HEADER, range};
-use crate::proxy::{ClientInfo, Proxy};
+
+use crate::proxy::{BlobBody, CacheResult, ClientInfo, Proxy};
+
+/// What a request turned out to be, for metrics.
+struct Served {
+    kind: &'static str,
+    upstream: String,
+    cache: Option<CacheResult>,
+}
 
 /// Serves one request.
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if let Some(resp) = operator_endpoint(&proxy, &method, &path) {
+        return resp;
+    }
     let span = tracing::info_span!(
         "request",
         %method,
@@ -33,7 +44,12 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
     );
     async move {
         let head = method == Method::HEAD;
-        let mut resp = match dispatch(&proxy, &req).await {
+        let mut served = Served {
+            kind: "other",
+            upstream: String::new(),
+            cache: None,
+        };
+        let mut resp = match dispatch(&proxy, &req, &mut served).await {
             Ok(r) => r,
             Err(e) => {
                 match e.origin() {
@@ -54,10 +70,36 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
             .to_owned();
+        let elapsed = start.elapsed();
+        let m = proxy.metrics();
+        let status_class = match resp.status().as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        m.requests
+            .with_label_values(&[served.kind, method.as_str(), status_class, &served.upstream])
+            .inc();
+        m.request_duration
+            .with_label_values(&[served.kind])
+            .observe(elapsed.as_secs_f64());
+        if let Some(cache) = served.cache {
+            m.lookups
+                .with_label_values(&[served.kind, &served.upstream, cache.as_str()])
+                .inc();
+        }
+        // Whole bodies are counted here; streamed blob bodies as their chunks go out.
+        if let (Some(cache), crate::body::Body::Full(Some(b))) = (served.cache, resp.body()) {
+            m.served_bytes
+                .with_label_values(&[source_of(cache)])
+                .inc_by(b.len() as u64);
+        }
         tracing::info!(
             status = resp.status().as_u16(),
             bytes = %bytes,
-            ms = start.elapsed().as_secs_f64() * 1000.0,
+            ms = elapsed.as_secs_f64() * 1000.0,
             "served"
         );
         resp
@@ -66,8 +108,68 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
     .await
 }
 
-async fn dispatch<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Result<Response<Body>> {
+/// Where the bytes of an answer with this cache result came from.
+fn source_of(cache: CacheResult) -> &'static str {
+    match cache {
+        CacheResult::Hit | CacheResult::Stale | CacheResult::Revalidated => "cache",
+        CacheResult::Miss | CacheResult::Coalesced => "upstream",
+    }
+}
+
+/// `/metrics`, `/healthz` and `/readyz`, beside the registry API.
+pub fn operator_endpoint(proxy: &Proxy, method: &Method, path: &str) -> Option<Response<Body>> {
+    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+        return None;
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return Some(Error::Unsupported(method.to_string()).to_response(false));
+    }
+    let (status, content_type, body) = match path {
+        "/metrics" => {
+            let (ct, body) = proxy.render_metrics();
+            (StatusCode::OK, ct, body)
+        }
+        "/healthz" => (StatusCode::OK, "text/plain".into(), b"ok\n".to_vec()),
+        _ => match proxy.readiness() {
+            Ok(()) => (StatusCode::OK, "text/plain".into(), b"ready\n".to_vec()),
+            Err(why) => {
+                tracing::warn!(reason = %why, "not ready");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain".into(),
+                    format!("not ready: {why}\n").into_bytes(),
+                )
+            }
+        },
+    };
+    let len = body.len();
+    Some(
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .header(header::CONTENT_LENGTH, len)
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(if method == Method::HEAD {
+                Body::empty()
+            } else {
+                Body::full(body)
+            })
+            .expect("valid response"),
+    )
+}
+
+async fn dispatch<B>(
+    proxy: &Arc<Proxy>,
+    req: &Request<B>,
+    served: &mut Served,
+) -> Result<Response<Body>> {
     let parsed = route::Request::parse(req.uri().path(), req.uri().query())?;
+    served.kind = match parsed.route {
+        Route::Manifest { .. } => "manifest",
+        Route::Blob { .. } => "blob",
+        Route::TagsList { .. } => "tags",
+        _ => "other",
+    };
     let method = req.method();
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::Unsupported(format!("{method}")));
@@ -96,8 +198,10 @@ async fn dispatch<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Result<Response<Bo
                 t.repo.as_str(),
                 &reference.to_string(),
             );
+            served.upstream.clone_from(&t.upstream.name);
             let (m, cache) = proxy.manifest(&t, &reference, &client).await?;
             span.record("cache", cache.as_str());
+            served.cache = Some(cache);
             let len = m.bytes.len();
             let resp = Response::builder()
                 .status(StatusCode::OK)
@@ -121,8 +225,10 @@ async fn dispatch<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Result<Response<Bo
                 t.repo.as_str(),
                 &digest.to_string(),
             );
+            served.upstream.clone_from(&t.upstream.name);
             let answer = proxy.blob(&t, &digest, head, &client).await?;
             span.record("cache", answer.cache.as_str());
+            served.cache = Some(answer.cache);
             let range_header = req
                 .headers()
                 .get(header::RANGE)
@@ -155,7 +261,14 @@ async fn dispatch<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Result<Response<Bo
                 }
             };
             let body = match answer.reader(start, end) {
-                Some(reader) if !head => stream(reader),
+                Some(reader) if !head => {
+                    let source = match answer.body {
+                        BlobBody::File(_) => "cache",
+                        _ => "upstream",
+                    };
+                    let counter = proxy.metrics().served_bytes.with_label_values(&[source]);
+                    stream(reader, counter)
+                }
                 _ => Body::empty(),
             };
             resp.status(status)
@@ -165,10 +278,12 @@ async fn dispatch<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Result<Response<Bo
         Route::TagsList { name } => {
             let t = proxy.resolve(&name, parsed.ns.as_deref())?;
             record_target(&span, &t.upstream.name, t.repo.as_str(), "tags/list");
+            served.upstream.clone_from(&t.upstream.name);
             let (list, cache) = proxy
                 .tags_list(&t, req.uri().query().map(strip_ns).as_deref(), &client)
                 .await?;
             span.record("cache", cache.as_str());
+            served.cache = Some(cache);
             let mut resp = Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_LENGTH, list.body.len())
@@ -214,10 +329,16 @@ fn json_response(status: StatusCode, body: &'static str, head: bool) -> Response
 
 /// A body that follows a blob reader. A reader error aborts the body, so the client sees a
 /// broken transfer rather than a short or wrong blob.
-fn stream(reader: Reader) -> Body {
-    let chunks = futures_util::stream::unfold(reader, |mut r| async move {
-        let next = r.next_chunk().await?;
-        Some((next.map(http_body::Frame::data), r))
+fn stream(reader: Reader, served: prometheus::IntCounter) -> Body {
+    let chunks = futures_util::stream::unfold(reader, move |mut r| {
+        let served = served.clone();
+        async move {
+            let next = r.next_chunk().await?;
+            if let Ok(chunk) = &next {
+                served.inc_by(chunk.len() as u64);
+            }
+            Some((next.map(http_body::Frame::data), r))
+        }
     });
     Body::stream(StreamBody::new(chunks))
 }

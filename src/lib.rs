@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod handler;
+pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod server;

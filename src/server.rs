@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::handler;
+use crate::metrics::Metrics;
 use crate::proxy::{Proxy, StartError};
 
 /// How long shutdown waits for in-flight requests.
@@ -24,6 +25,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound, not yet serving, regcache.
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     proxy: Arc<Proxy>,
 }
 
@@ -46,17 +48,45 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Bind { addr, source })?;
-        Ok(Server { listener, proxy })
+        let metrics_listener = match proxy.config().metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        Ok(Server {
+            listener,
+            metrics_listener,
+            proxy,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener")
     }
 
+    /// The metrics-only listener's address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
+    }
+
     /// Serves until `shutdown` completes, then drains connections for up to [`SHUTDOWN_GRACE`].
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Server { listener, proxy } = self;
+        let Server {
+            listener,
+            metrics_listener,
+            proxy,
+        } = self;
         tracing::info!(addr = %listener.local_addr().expect("bound"), data_dir = %proxy.config().data_dir.display(), "regcache listening");
+        let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+        if let Some(l) = metrics_listener {
+            tracing::info!(addr = %l.local_addr().expect("bound"), "metrics listening");
+            tokio::spawn(serve_metrics(l, Arc::clone(&proxy), metrics_stopped));
+        }
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -79,6 +109,7 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            let connected = Connected::new(proxy.metrics());
             let proxy = Arc::clone(&proxy);
             let service = service_fn(move |req| {
                 let proxy = Arc::clone(&proxy);
@@ -90,9 +121,11 @@ impl Server {
                 if let Err(e) = conn.await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
+                drop(connected);
             });
         }
         drop(listener);
+        let _ = stop_metrics.send(true);
         tracing::info!("shutting down; waiting for in-flight requests");
         if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
             .await
@@ -110,4 +143,57 @@ impl Server {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     Server::bind(config).await?.serve(shutdown).await;
     Ok(())
+}
+
+/// Counts an open client connection in `regcache_client_connections` while alive.
+struct Connected(Arc<Metrics>);
+
+impl Connected {
+    fn new(metrics: &Arc<Metrics>) -> Connected {
+        metrics.client_connections.inc();
+        Connected(Arc::clone(metrics))
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.client_connections.dec();
+    }
+}
+
+/// The metrics-only listener: `/metrics`, `/healthz`, `/readyz`; 404 for anything else.
+async fn serve_metrics(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => return,
+        };
+        let proxy = Arc::clone(&proxy);
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let proxy = Arc::clone(&proxy);
+            async move {
+                let resp = handler::operator_endpoint(&proxy, req.method(), req.uri().path())
+                    .unwrap_or_else(|| crate::error::Error::NotFound.to_response(false));
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }

@@ -24,6 +24,9 @@ struct Inner {
     blobs: PathBuf,
     tmp: PathBuf,
     next_tmp: AtomicU64,
+    /// Committed bytes and files, counted once at open and kept current by commit and remove.
+    bytes: AtomicU64,
+    objects: AtomicU64,
 }
 
 /// A temp file being filled; removed on drop unless committed.
@@ -56,13 +59,45 @@ impl Store {
         if removed > 0 {
             tracing::info!(removed, "removed temp files left by an earlier run");
         }
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 blobs,
                 tmp,
                 next_tmp: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+                objects: AtomicU64::new(0),
             }),
-        })
+        };
+        // Count what an earlier run left, off the startup path. Files written from now on are
+        // counted by `commit` instead, so the walk skips anything newer than this.
+        let opened = std::time::SystemTime::now();
+        let counting = store.clone();
+        std::thread::Builder::new()
+            .name("regcache-du".into())
+            .spawn(move || {
+                let (bytes, objects) = disk_usage(&counting.inner.blobs, opened);
+                counting.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
+                counting.inner.objects.fetch_add(objects, Ordering::Relaxed);
+                tracing::info!(bytes, objects, "cache content counted");
+            })?;
+        Ok(store)
+    }
+
+    /// Whether the data dir takes a write (a temp file created, written and removed).
+    pub fn check_writable(&self) -> io::Result<()> {
+        use std::io::Write as _;
+        let path = self.inner.tmp.join(format!("ready.{}", std::process::id()));
+        let result = File::create(&path).and_then(|mut f| f.write_all(b"ok"));
+        let _ = fs::remove_file(&path);
+        result
+    }
+
+    /// Committed bytes and objects (blobs and manifests) on disk.
+    pub fn usage(&self) -> (u64, u64) {
+        (
+            self.inner.bytes.load(Ordering::Relaxed),
+            self.inner.objects.load(Ordering::Relaxed),
+        )
     }
 
     /// Where the content of `digest` lives once committed.
@@ -132,8 +167,14 @@ impl Store {
         let dest = self.path(digest);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir)?;
+        let existed = dest.exists();
+        let size = temp.file.metadata()?.len();
         fs::rename(&temp.path, &dest)?;
         temp.committed = true;
+        if !existed {
+            self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+            self.inner.objects.fetch_add(1, Ordering::Relaxed);
+        }
         File::open(dir)?.sync_all()
     }
 
@@ -152,11 +193,49 @@ impl Store {
 
     /// Removes committed content (after corruption is found, or by eviction).
     pub async fn remove(&self, digest: &Digest) -> io::Result<()> {
-        match tokio::fs::remove_file(self.path(digest)).await {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let path = self.path(digest);
+        let size = match tokio::fs::metadata(&path).await {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {
+                self.inner.bytes.fetch_sub(size, Ordering::Relaxed);
+                self.inner.objects.fetch_sub(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
+}
+
+/// Bytes and files under `dir`, recursively, last modified before `before`.
+fn disk_usage(dir: &Path, before: std::time::SystemTime) -> (u64, u64) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    let (mut bytes, mut files) = (0, 0);
+    for e in entries.flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => {
+                let (b, f) = disk_usage(&e.path(), before);
+                bytes += b;
+                files += f;
+            }
+            Ok(t) if t.is_file() => {
+                if let Ok(m) = e.metadata()
+                    && m.modified().is_ok_and(|t| t < before)
+                {
+                    bytes += m.len();
+                    files += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    (bytes, files)
 }
 
 /// Runs blocking file work off the async threads.
@@ -183,6 +262,10 @@ mod tests {
         assert_eq!(store.read_small(&d).await.unwrap().unwrap(), data);
         let (_, len) = store.open_blob(&d).await.unwrap().unwrap();
         assert_eq!(len, 5);
+        assert_eq!(store.usage(), (5, 1));
+        // committing the same content again changes nothing
+        store.write_small(&d, data.clone()).await.unwrap();
+        assert_eq!(store.usage(), (5, 1));
 
         // an uncommitted temp file vanishes when dropped, and leftovers go at the next open
         let t = store.temp(&d).unwrap();
@@ -190,7 +273,17 @@ mod tests {
         let leftover = store.temp(&d).unwrap();
         std::mem::forget(leftover);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
-        let _store = Store::open(dir.path()).unwrap();
+        let reopened = Store::open(dir.path()).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // the reopened store counts what is there (in the background)
+        for _ in 0..100 {
+            if reopened.usage() == (5, 1) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(reopened.usage(), (5, 1));
+        reopened.remove(&d).await.unwrap();
+        assert_eq!(reopened.usage(), (0, 0));
     }
 }

@@ -16,7 +16,6 @@ use std::hash::Hash;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -27,7 +26,9 @@ use tokio::sync::watch;
 
 use super::blobs::{Store, blocking};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::oci::digest::{Digest, Verifier};
+use crate::upstream::Upstream;
 
 /// Deduplicates concurrent work by key; the result is cloned to every waiter.
 pub struct Group<K, V> {
@@ -220,10 +221,10 @@ impl Reader {
 
 /// What a fill needs to know about its blob and where to put it.
 pub struct FillSpec {
-    pub upstream: String,
+    pub upstream: Arc<Upstream>,
     pub digest: Digest,
     pub store: Store,
-    pub read_timeout: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 type FillKey = (String, Digest);
@@ -256,7 +257,7 @@ impl Fills {
         S: Future<Output = Result<Response<Incoming>, Error>> + Send + 'static,
         C: FnOnce(u64) + Send + 'static,
     {
-        let key = (spec.upstream.clone(), spec.digest.clone());
+        let key = (spec.upstream.name.clone(), spec.digest.clone());
         let mut map = self.map.lock().expect("fill map");
         if let Some(f) = map.get(&key) {
             return Ok((Arc::clone(f), true));
@@ -270,11 +271,22 @@ impl Fills {
         map.insert(key.clone(), Arc::clone(&fill));
         let fills = Arc::clone(self);
         tokio::spawn(async move {
+            spec.metrics.fills_in_flight.inc();
+            let started = std::time::Instant::now();
             let result = run_fill(&spec, temp, source, &tx).await;
+            spec.metrics.fills_in_flight.dec();
             match result {
-                Ok(size) => on_commit(size),
+                Ok(size) => {
+                    spec.metrics
+                        .fill_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    on_commit(size)
+                }
                 Err(e) => {
-                    tracing::warn!(upstream = %spec.upstream, digest = %spec.digest, error = %e, "blob fill failed; nothing cached");
+                    if let Error::DigestMismatch { .. } = e {
+                        spec.upstream.count_error("digest_mismatch");
+                    }
+                    tracing::warn!(upstream = %spec.upstream.name, digest = %spec.digest, error = %e, "blob fill failed; nothing cached");
                     let _ = tx.send(Progress::Failed(Arc::new(e)));
                 }
             }
@@ -306,18 +318,24 @@ where
     let (_slot, mut body) = resp.into_parts();
     let mut verifier = Some(Verifier::new(spec.digest.algorithm()));
     let mut written: u64 = 0;
-    let upstream_err = |source| Error::Upstream {
-        upstream: spec.upstream.clone(),
-        source,
+    let upstream_err = |source: crate::upstream::UpstreamError| {
+        if let Some(reason) = source.reason() {
+            spec.upstream.count_error(reason);
+        }
+        Error::Upstream {
+            upstream: spec.upstream.name.clone(),
+            source,
+        }
     };
+    let read_timeout = spec.upstream.read_timeout();
     loop {
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_len = 0usize;
         let mut ended = false;
-        match tokio::time::timeout(spec.read_timeout, body.frame()).await {
+        match tokio::time::timeout(read_timeout, body.frame()).await {
             Err(_) => {
                 return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
-                    spec.read_timeout,
+                    read_timeout,
                 )));
             }
             Ok(None) => ended = true,
@@ -373,6 +391,7 @@ where
                 .await?,
             );
             written += batch_len as u64;
+            spec.upstream.count_fetched(batch_len as u64);
             // Hold back the final byte (known size) or the latest batch (unknown size) until
             // the digest is verified.
             let readable = match size {
@@ -394,7 +413,7 @@ where
     let actual = verifier.take().expect("verifier").finish();
     if actual != spec.digest {
         return Err(Error::DigestMismatch {
-            upstream: spec.upstream.clone(),
+            upstream: spec.upstream.name.clone(),
             expected: spec.digest.to_string(),
             actual: actual.to_string(),
         });
@@ -410,6 +429,7 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     #[tokio::test]
     async fn group_runs_once_for_concurrent_callers() {

@@ -133,6 +133,11 @@ impl Index {
         Ok(())
     }
 
+    /// Whether the index answers a read.
+    pub fn check(&self) -> sled::Result<()> {
+        self.tags.first().map(|_| ())
+    }
+
     /// Writes everything to disk (at shutdown).
     pub fn flush(&self) -> sled::Result<()> {
         self.tags.flush()?;

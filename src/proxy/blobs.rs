@@ -80,10 +80,10 @@ impl Proxy {
             });
         }
         let spec = FillSpec {
-            upstream: up.clone(),
+            upstream: Arc::clone(&t.upstream),
             digest: digest.clone(),
             store: self.store.clone(),
-            read_timeout: t.upstream.read_timeout(),
+            metrics: Arc::clone(&self.metrics),
         };
         let (target, d, client) = (t.clone(), digest.clone(), client.clone());
         let source = async move {

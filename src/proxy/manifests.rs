@@ -357,6 +357,7 @@ impl Proxy {
         if let Some(expected) = expected
             && expected != &actual
         {
+            t.upstream.count_error("digest_mismatch");
             return Err(Error::DigestMismatch {
                 upstream: up.clone(),
                 expected: expected.to_string(),

@@ -26,6 +26,7 @@ use crate::cache::flight::{Fills, Group};
 use crate::cache::index::Index;
 use crate::config::{Config, looks_like_host};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::oci::reference::RepoName;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
@@ -112,6 +113,7 @@ pub struct Proxy {
     manifest_flights: Arc<ManifestFlights>,
     revalidations: Arc<Group<ManifestKey, Result<manifests::Revalidation, Arc<Error>>>>,
     fills: Arc<Fills>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why the proxy could not start.
@@ -136,12 +138,15 @@ impl Proxy {
             source,
         })?;
         let index = Index::open(&data.join("index"))?;
+        let metrics = Arc::new(Metrics::new());
         let mut upstreams = HashMap::new();
         let mut routes = HashMap::new();
         for (name, cfg) in &config.upstreams {
-            let up = Upstream::new(name, cfg).map_err(|source| StartError::Upstream {
-                name: name.clone(),
-                source,
+            let up = Upstream::new(name, cfg, Arc::clone(&metrics)).map_err(|source| {
+                StartError::Upstream {
+                    name: name.clone(),
+                    source,
+                }
             })?;
             upstreams.insert(name.clone(), Arc::new(up));
             for r in config.route_names(name, cfg) {
@@ -173,11 +178,33 @@ impl Proxy {
             manifest_flights: Arc::default(),
             revalidations: Arc::default(),
             fills: Arc::default(),
+            metrics,
         }))
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics exposition, with the disk gauges brought up to date.
+    pub fn render_metrics(&self) -> (String, Vec<u8>) {
+        let (bytes, objects) = self.store.usage();
+        self.metrics.cache_bytes.set(bytes as i64);
+        self.metrics.cache_objects.set(objects as i64);
+        self.metrics.render()
+    }
+
+    /// Why the cache cannot serve, if it cannot: the index must answer and the data dir must
+    /// take a write.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        self.index.check().map_err(|e| format!("index: {e}"))?;
+        self.store
+            .check_writable()
+            .map_err(|e| format!("data dir: {e}"))
     }
 
     /// Writes the index out (at shutdown).
@@ -326,10 +353,23 @@ async fn read_document(t: &Target, body: Incoming) -> Result<Bytes> {
         upstream: t.upstream.name.clone(),
         source,
     };
-    match tokio::time::timeout(deadline, Limited::new(body, MAX_DOCUMENT).collect()).await {
-        Err(_) => Err(upstream_err(UpstreamError::Timeout(deadline))),
-        Ok(Err(e)) => Err(upstream_err(UpstreamError::Io(e.to_string()))),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+    let result =
+        match tokio::time::timeout(deadline, Limited::new(body, MAX_DOCUMENT).collect()).await {
+            Err(_) => Err(UpstreamError::Timeout(deadline)),
+            Ok(Err(e)) => Err(UpstreamError::Io(e.to_string())),
+            Ok(Ok(c)) => Ok(c.to_bytes()),
+        };
+    match result {
+        Ok(bytes) => {
+            t.upstream.count_fetched(bytes.len() as u64);
+            Ok(bytes)
+        }
+        Err(e) => {
+            if let Some(reason) = e.reason() {
+                t.upstream.count_error(reason);
+            }
+            Err(upstream_err(e))
+        }
     }
 }
 

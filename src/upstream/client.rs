@@ -21,6 +21,7 @@ use url::Url;
 use super::auth::{Auth, Challenge, TokenResponse, parse_challenge};
 use super::guard::{BreakerState, Guard, GuardConfig, Outcome, Refusal};
 use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
 use crate::oci::reference::RepoName;
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -65,6 +66,17 @@ impl UpstreamError {
         }
     }
 
+    /// The `reason` label of `regcache_upstream_errors_total`, for upstream failures.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            UpstreamError::Connect(_) => Some("connect"),
+            UpstreamError::Timeout(_) => Some("timeout"),
+            UpstreamError::Io(_) => Some("reset"),
+            UpstreamError::Token { .. } => Some("token"),
+            _ => None,
+        }
+    }
+
     /// Whether this says the upstream is unwell (as opposed to a refusal of ours).
     fn is_upstream_failure(&self) -> bool {
         matches!(
@@ -100,10 +112,15 @@ pub struct Upstream {
     response_timeout: Duration,
     read_timeout: Duration,
     guard: Guard,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+    pub fn new(
+        name: &str,
+        cfg: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, UpstreamError> {
         let urls = cfg
             .urls
             .iter()
@@ -140,6 +157,7 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
+        metrics.set_breaker(name, BreakerState::Closed);
         Ok(Upstream {
             name: name.to_owned(),
             urls,
@@ -154,12 +172,29 @@ impl Upstream {
                 failure_threshold: cfg.breaker_failures,
                 open_for: cfg.breaker_open_for,
             }),
+            metrics,
         })
     }
 
     /// Longest silence a caller should accept inside a response body.
     pub fn read_timeout(&self) -> Duration {
         self.read_timeout
+    }
+
+    /// Counts a failure of this upstream by reason (see `regcache_upstream_errors_total`).
+    pub fn count_error(&self, reason: &str) {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+
+    /// Counts body bytes fetched from this upstream.
+    pub fn count_fetched(&self, bytes: u64) {
+        self.metrics
+            .fetched_bytes
+            .with_label_values(&[&self.name])
+            .inc_by(bytes);
     }
 
     /// The circuit breaker's state.
@@ -190,7 +225,20 @@ impl Upstream {
             Err(e) if e.is_upstream_failure() => Outcome::Failure,
             _ => Outcome::Success,
         };
+        let reason = match &result {
+            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => Some("http_429"),
+            Ok(resp) if resp.status().is_server_error() => Some("http_5xx"),
+            Ok(_) => None,
+            Err(e) => e.reason(),
+        };
+        if let Some(reason) = reason {
+            self.count_error(reason);
+        }
+        if let Ok(resp) = &result {
+            self.metrics.observe_ratelimit(&self.name, resp.headers());
+        }
         if let Some(state) = self.guard.record(outcome) {
+            self.metrics.set_breaker(&self.name, state);
             match state {
                 BreakerState::Open => {
                     tracing::warn!(upstream = %self.name, "circuit breaker open: upstream keeps failing; answering from cache or with errors until it recovers")
@@ -294,13 +342,26 @@ impl Upstream {
             }
             q.append_pair("scope", scope);
         }
+        let count = |result: &str| {
+            self.metrics
+                .token_fetches
+                .with_label_values(&[&self.name, result])
+                .inc();
+        };
         let resp = self
             .exchange(&Method::GET, &url, None, self.auth.basic.as_ref())
-            .await?;
+            .await
+            .inspect_err(|_| count("error"))?;
         match resp.status() {
-            s if s.is_success() => {}
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Ok(None),
-            s => return Err(token_err(format!("answered {s}"))),
+            s if s.is_success() => count("ok"),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                count("refused");
+                return Ok(None);
+            }
+            s => {
+                count("error");
+                return Err(token_err(format!("answered {s}")));
+            }
         }
         let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
             .collect()
@@ -407,12 +468,27 @@ impl Upstream {
         let req = req
             .body(Empty::new())
             .map_err(|e| UpstreamError::BadRedirect(e.to_string()))?;
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
-            Ok(Err(e)) => Err(UpstreamError::Io(error_chain(&e))),
-        }
+        let started = Instant::now();
+        let result =
+            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+                Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
+                Ok(Err(e)) => Err(UpstreamError::Io(error_chain(&e))),
+            };
+        let status = match &result {
+            Ok(resp) => resp.status().as_str().to_owned(),
+            Err(_) => "error".to_owned(),
+        };
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, method.as_str(), &status])
+            .inc();
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[&self.name])
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 }
 
