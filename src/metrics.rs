@@ -50,6 +50,9 @@ pub struct Metrics {
     /// Committed content on disk.
     pub cache_bytes: IntGauge,
     pub cache_objects: IntGauge,
+    /// The data dir's file system: free (for regcache's user) and total bytes.
+    pub disk_free: IntGauge,
+    pub disk_size: IntGauge,
     /// Content removed to stay within limits (by the lifecycle policy).
     pub evictions: IntCounter,
     /// Blob fill durations (upstream to verified commit).
@@ -165,6 +168,14 @@ impl Metrics {
             cache_objects: gauge(
                 "regcache_cache_objects",
                 "Committed blobs and manifests on disk.",
+            ),
+            disk_free: gauge(
+                "regcache_disk_free_bytes",
+                "Bytes available to regcache on the data dir's file system.",
+            ),
+            disk_size: gauge(
+                "regcache_disk_size_bytes",
+                "Size of the data dir's file system.",
             ),
             evictions: {
                 let c = IntCounter::new(

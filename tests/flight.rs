@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::fake::{FakeRegistry, Faults};
 use common::image::{self, Image, Layer};
-use common::{Regcache, error_code, get_manifest, http, pull};
+use common::{Regcache, Scrape, error_code, get_manifest, http, pull};
 
 /// An image with one layer of `size` bytes of noise, published as `library/app:1`.
 async fn upstream_with_layer(faults: Faults, seed: u64, size: usize) -> (FakeRegistry, Image) {
@@ -111,6 +111,11 @@ async fn a_client_that_disconnects_cancels_nothing_for_the_others() {
     assert_eq!(image::sha256(&got), layer);
     assert_eq!(up.count("GET", &layer), 1);
     // The fill finished and committed: the next request is a hit.
+    Scrape::until(&cache.url(), |s| {
+        s.get("regcache_cache_objects", &[]) == 1.0
+            && s.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
     let resp = http().get(&url).send().await.unwrap();
     assert_eq!(resp.headers()["cache-status"], "regcache; hit");
     assert_eq!(up.count("GET", &layer), 1);
@@ -131,13 +136,11 @@ async fn a_fill_the_only_client_abandons_still_completes() {
     only.chunk().await.unwrap().expect("first chunk");
     drop(only);
     // The fill goes on without any reader and commits.
-    for _ in 0..100 {
-        if up.load.blobs_completed.load(SeqCst) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    Scrape::until(&cache.url(), |s| {
+        s.get("regcache_cache_objects", &[]) == 1.0
+            && s.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
     let resp = http().get(&url).send().await.unwrap();
     assert_eq!(resp.headers()["cache-status"], "regcache; hit");
     assert_eq!(image::sha256(&resp.bytes().await.unwrap()), layer);

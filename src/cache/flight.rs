@@ -125,6 +125,11 @@ impl Fill {
         }
     }
 
+    /// Whether every byte is written and verified (the commit may still be under way).
+    pub fn is_done(&self) -> bool {
+        matches!(*self.progress.borrow(), Progress::Done { .. })
+    }
+
     /// A reader of this fill's bytes `start..end`.
     pub fn reader(&self, start: u64, end: Option<u64>) -> Reader {
         Reader {
@@ -274,7 +279,6 @@ impl Fills {
             spec.metrics.fills_in_flight.inc();
             let started = std::time::Instant::now();
             let result = run_fill(&spec, temp, source, &tx).await;
-            spec.metrics.fills_in_flight.dec();
             match result {
                 Ok(size) => {
                     spec.metrics
@@ -291,6 +295,8 @@ impl Fills {
                 }
             }
             fills.map.lock().expect("fill map").remove(&key);
+            // Only now is the blob committed, indexed and no longer joinable.
+            spec.metrics.fills_in_flight.dec();
         });
         Ok((fill, false))
     }

@@ -55,7 +55,13 @@ impl Proxy {
                 return Ok(hit(file, size));
             }
             self.index.remove_blob(up, digest)?;
-        } else if self.store.contains(digest).await {
+        }
+        // Before the cross-upstream check: a fill of ours that just committed is on disk but
+        // not yet in the index, and joining it costs nothing.
+        if let Some(fill) = self.fills.get(up, digest) {
+            return joined(fill, CacheResult::Coalesced).await;
+        }
+        if self.store.contains(digest).await {
             // Fetched through another upstream: serve it once this upstream confirms it has it.
             if let Some(size) = self.upstream_head(t, digest, client).await?
                 && let Some((file, len)) = self.store.open_blob(digest).await?
@@ -64,9 +70,6 @@ impl Proxy {
                 self.index.put_blob(up, digest, size)?;
                 return Ok(hit(file, len));
             }
-        }
-        if let Some(fill) = self.fills.get(up, digest) {
-            return joined(fill, CacheResult::Coalesced).await;
         }
         if head {
             let size = self
@@ -162,6 +165,12 @@ fn hit(file: Arc<File>, size: u64) -> BlobAnswer {
 
 async fn joined(fill: Arc<Fill>, cache: CacheResult) -> Result<BlobAnswer> {
     let size = fill.started().await.map_err(Error::Shared)?;
+    // Joining a verified fill whose commit is still under way is as good as a file on disk.
+    let cache = if cache == CacheResult::Coalesced && fill.is_done() {
+        CacheResult::Hit
+    } else {
+        cache
+    };
     Ok(BlobAnswer {
         size,
         body: BlobBody::Fill(fill),

@@ -195,6 +195,18 @@ impl Proxy {
         let (bytes, objects) = self.store.usage();
         self.metrics.cache_bytes.set(bytes as i64);
         self.metrics.cache_objects.set(objects as i64);
+        match rustix::fs::statvfs(&self.config.data_dir) {
+            Ok(fs) => {
+                let block = fs.f_frsize;
+                self.metrics
+                    .disk_free
+                    .set((fs.f_bavail.saturating_mul(block)) as i64);
+                self.metrics
+                    .disk_size
+                    .set((fs.f_blocks.saturating_mul(block)) as i64);
+            }
+            Err(e) => tracing::warn!(error = %e, "statvfs on the data dir failed"),
+        }
         self.metrics.render()
     }
 

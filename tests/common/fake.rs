@@ -121,6 +121,8 @@ pub struct Faults {
     pub status: Option<u16>,
     /// Send blob bodies in this many pieces with this pause before each.
     pub drip: Option<(usize, std::time::Duration)>,
+    /// Docker Hub's rate-limit headers on every answer: (limit, remaining).
+    pub ratelimit: Option<(u32, u32)>,
 }
 
 /// Requests the fake is busy with (handler running or body still being sent).
@@ -180,7 +182,19 @@ impl FakeRegistry {
             let (c, l) = (Arc::clone(&c), Arc::clone(&l));
             async move {
                 let busy = Busy::new(&l);
-                serve(parts, &faults, &c, busy).await
+                let mut resp = serve(parts, &faults, &c, busy).await;
+                if let Some((limit, remaining)) = faults.ratelimit {
+                    let h = resp.headers_mut();
+                    h.insert(
+                        "ratelimit-limit",
+                        format!("{limit};w=21600").parse().unwrap(),
+                    );
+                    h.insert(
+                        "ratelimit-remaining",
+                        format!("{remaining};w=21600").parse().unwrap(),
+                    );
+                }
+                resp
             }
         })
         .await;

@@ -305,6 +305,8 @@ impl Meter {
 /// regcache running in-process on a free loopback port.
 pub struct Regcache {
     pub addr: SocketAddr,
+    /// The metrics-only listener, when the config sets `metrics_listen`.
+    pub metrics_addr: Option<SocketAddr>,
     pub data: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -345,12 +347,14 @@ impl Regcache {
         init_tracing();
         let server = regcache::Server::bind(cfg).await.unwrap();
         let addr = server.local_addr();
+        let metrics_addr = server.metrics_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = stopped.await;
         }));
         Regcache {
             addr,
+            metrics_addr,
             data,
             stop: Some(stop),
             task: Some(task),
@@ -528,4 +532,74 @@ pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 pub fn full(b: impl Into<Bytes>) -> BoxBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// One scrape of regcache's `/metrics`, parsed: `series(name, labels)` sums the samples whose
+/// labels include every pair given.
+pub struct Scrape {
+    pub text: String,
+    samples: Vec<(String, std::collections::BTreeMap<String, String>, f64)>,
+}
+
+impl Scrape {
+    pub async fn of(base: &str) -> Scrape {
+        let resp = http().get(format!("{base}/metrics")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(ct.starts_with("text/plain"), "{ct}");
+        Scrape::parse(&resp.text().await.unwrap())
+    }
+
+    /// Scrapes until `ready` holds (commits finish just after the client's last byte).
+    pub async fn until(base: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+        for _ in 0..100 {
+            let s = Scrape::of(base).await;
+            if ready(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("metrics never reached the expected state");
+    }
+
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let value: f64 = value.parse().unwrap();
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_owned(), Default::default()),
+                Some((name, rest)) => {
+                    let mut map = std::collections::BTreeMap::new();
+                    for pair in rest.trim_end_matches('}').split("\",") {
+                        if let Some((k, v)) = pair.split_once("=\"") {
+                            map.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
+                        }
+                    }
+                    (name.to_owned(), map)
+                }
+            };
+            samples.push((name, labels, value));
+        }
+        Scrape {
+            text: text.to_owned(),
+            samples,
+        }
+    }
+
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
 }

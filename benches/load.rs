@@ -1,0 +1,1394 @@
+//! The load benchmark (issue 3): regcache in front of a real upstream (Debian's
+//! `docker-registry`, CNCF distribution 2.8) and, in the same run on the same data, two
+//! reference points: distribution in proxy mode (`proxy: remoteurl:`) and nginx serving the same
+//! blob file with sendfile (the practical ceiling for serving bytes from disk).
+//!
+//! ```sh
+//! ./scripts/bench                 # installs wrk, nginx-light, docker-registry when missing
+//! cargo bench --bench load        # this file only
+//! ```
+//!
+//! Knobs (environment): `BENCH_SECS` seconds per wrk run (default 10), `BENCH_ROUNDS`
+//! interleaved rounds per wrk measurement (default 3), `BENCH_PULLS` cold-pull trials
+//! (default 5), `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing,
+//! cross-repo), `pull` (cold single pull) and `hot` (peak RSS, hot blobs, hot manifests);
+//! `BENCH_WRAP` a command prefix for the regcache processes, for profiling (e.g.
+//! `BENCH_WRAP="strace -f -c -o /tmp/rc.strace"`; the RSS figures then are the wrapper's).
+//! Everything listens on 127.0.0.1; nothing talks to a public registry.
+//!
+//! Every server is a separate process: regcache is the release binary
+//! (`CARGO_BIN_EXE_regcache`), so `/proc/PID/status` gives its own peak RSS (`VmHWM`). Cold
+//! tests put a metering reverse proxy (in this process) between a proxy and the upstream to count
+//! upstream requests and body bytes. Hot measurements run wrk against regcache, distribution
+//! and nginx in turn, round after round, and report the ratio of each round (the machine is
+//! noisy) and its median.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::oneshot;
+
+const MIB: usize = 1 << 20;
+const BIG: usize = 100 * MIB;
+const SMALL: usize = 5 * MIB;
+const GIB: f64 = (1u64 << 30) as f64;
+
+const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// The `Accept` a modern client sends for manifests.
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test --benches` and test listers run bench binaries without `--bench`: do nothing.
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        println!("load: skipped (a benchmark: run `cargo bench --bench load`)");
+        return;
+    }
+    let knobs = Knobs {
+        secs: env_num("BENCH_SECS", 10),
+        rounds: env_num("BENCH_ROUNDS", 3) as usize,
+        pulls: env_num("BENCH_PULLS", 5) as usize,
+        only: std::env::var("BENCH_ONLY")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(run(knobs));
+}
+
+struct Knobs {
+    secs: u64,
+    rounds: usize,
+    pulls: usize,
+    /// Sections to run (`cold`, `pull`, `hot`); empty for all.
+    only: Vec<String>,
+}
+
+impl Knobs {
+    fn want(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn run(k: Knobs) {
+    let started = Instant::now();
+    let registry_bin = require("docker-registry", "docker-registry");
+    let nginx_bin = require("nginx", "nginx-light");
+    require("wrk", "wrk");
+    let root = tempfile::Builder::new()
+        .prefix("regcache-bench")
+        .tempdir()
+        .expect("temp dir");
+    let root = root.path();
+    let mut report = Report::default();
+
+    // ---- data: generated images pushed to a real upstream --------------------------------
+    step("generating images and pushing them to the upstream docker-registry");
+    let big = Bytes::from(noise(1, BIG));
+    let small = Bytes::from(noise(2, SMALL));
+    let base = Bytes::from(noise(40, 32 * MIB));
+    let big_img = Img::new(vec![big.clone()]);
+    let small_img = Img::new(vec![small.clone()]);
+    let pull_img = Img::new(vec![
+        Bytes::from(noise(30, 64 * MIB)),
+        Bytes::from(noise(31, 24 * MIB)),
+        Bytes::from(noise(32, 8 * MIB)),
+        Bytes::from(noise(33, 2 * MIB)),
+    ]);
+    let cross: Vec<Img> = (1..=4)
+        .map(|i| Img::new(vec![base.clone(), Bytes::from(noise(40 + i, MIB))]))
+        .collect();
+    let big_d = sha256(&big);
+    let small_d = sha256(&small);
+    let base_d = sha256(&base);
+
+    let mut upstream = start_registry(&registry_bin, &root.join("upstream"), None).await;
+    let up = upstream.url.clone();
+    let up_addr: SocketAddr = up.trim_start_matches("http://").parse().unwrap();
+    let client = http();
+    push(&client, &up, "bench/big", &big_img).await;
+    push(&client, &up, "bench/small", &small_img).await;
+    push(&client, &up, "bench/pull", &pull_img).await;
+    for (i, img) in cross.iter().enumerate() {
+        push(&client, &up, &format!("bench/base{}", i + 1), img).await;
+    }
+    // One read of everything straight from upstream, so every contender starts with the
+    // upstream's files in the page cache.
+    for repo in ["bench/big", "bench/small", "bench/pull"] {
+        pull(&client, &up, repo, "latest").await.unwrap();
+    }
+
+    // nginx: the same blob files laid out at the registry's URL paths.
+    let ng_dir = root.join("nginx");
+    for (repo, d, bytes) in [
+        ("bench/big", &big_d, &big),
+        ("bench/small", &small_d, &small),
+    ] {
+        let p = ng_dir.join(format!("www/v2/{repo}/blobs"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join(d), bytes).unwrap();
+    }
+    let mp = ng_dir.join("www/v2/bench/small/manifests");
+    std::fs::create_dir_all(&mp).unwrap();
+    std::fs::write(mp.join("latest"), &small_img.manifest).unwrap();
+    let mut nginx = start_nginx(&nginx_bin, &ng_dir).await;
+
+    // ---- 1. cold coalescing: 20 concurrent cold GETs of a 100 MiB blob ---------------------
+    let path = format!("/v2/bench/big/blobs/{big_d}");
+    if k.want("cold") {
+        step("cold coalescing: 20 concurrent cold GETs of a 100 MiB blob");
+        let cold20 = {
+            let meter = Meter::start(up_addr).await;
+            let mut rc = start_regcache(&root.join("rc-cold20"), &meter.url()).await;
+            let rc_run =
+                concurrent_gets(&client, &format!("{}{path}", rc.url), &big_d, BIG, 20).await;
+            let rc_up = meter.snapshot(&big_d);
+            rc.stop();
+            let meter = Meter::start(up_addr).await;
+            let mut dp =
+                start_registry(&registry_bin, &root.join("dp-cold20"), Some(&meter.url())).await;
+            let dp_run =
+                concurrent_gets(&client, &format!("{}{path}", dp.url), &big_d, BIG, 20).await;
+            let dp_up = meter.snapshot(&big_d);
+            dp.stop();
+            (rc_run, rc_up, dp_run, dp_up)
+        };
+        {
+            let (rc_run, rc_up, dp_run, dp_up) = &cold20;
+            let ratio = rc_up.bytes as f64 / BIG as f64;
+            report.row(Row {
+            what:
+                "Cold coalescing: 20 concurrent cold GETs, 100 MiB blob; upstream bytes / blob size"
+                    .into(),
+            regcache: format!(
+                "{ratio:.3}x ({} upstream GET), {}/20 sha256 ok, {:.2} s",
+                rc_up.gets, rc_run.ok, rc_run.secs
+            ),
+            reference: format!(
+                "distribution: {:.2}x ({} upstream GETs), {}/20 sha256 ok, {:.2} s",
+                dp_up.bytes as f64 / BIG as f64,
+                dp_up.gets,
+                dp_run.ok,
+                dp_run.secs
+            ),
+            ratio: format!("{ratio:.3}x"),
+            target: "<= 1.02x, 20/20 ok".into(),
+            met: Some(ratio <= 1.02 && rc_run.ok == 20),
+        });
+        }
+
+        // ---- 2. cross-repo: one base layer through 4 repositories ---------------------------
+        step("cross-repo: a base layer pulled through 4 repositories of one upstream");
+        let (rc_cross, dp_cross, rc_tag_ups, dp_tag_ups) = {
+            let mut out = Vec::new();
+            for kind in ["rc", "dp"] {
+                let meter = Meter::start(up_addr).await;
+                let mut srv = if kind == "rc" {
+                    start_regcache(&root.join("rc-cross"), &meter.url()).await
+                } else {
+                    start_registry(&registry_bin, &root.join("dp-cross"), Some(&meter.url())).await
+                };
+                for i in 1..=4 {
+                    pull(&client, &srv.url, &format!("bench/base{i}"), "latest")
+                        .await
+                        .unwrap_or_else(|e| panic!("{kind} pull bench/base{i}: {e}"));
+                }
+                let snap = meter.snapshot(&base_d);
+                // While we are here: what 100 GETs of a hot tag cost upstream.
+                meter.reset();
+                for _ in 0..100 {
+                    get_manifest(&client, &srv.url, "bench/base1", "latest")
+                        .await
+                        .unwrap();
+                }
+                let tag_ups = meter.total();
+                srv.stop();
+                out.push((snap, tag_ups));
+            }
+            let (dp, dp_t) = out.pop().unwrap();
+            let (rc, rc_t) = out.pop().unwrap();
+            (rc, dp, rc_t, dp_t)
+        };
+        report.row(Row {
+            what: "Cross-repo: 32 MiB base layer pulled through 4 repositories; upstream fetches"
+                .into(),
+            regcache: format!(
+                "{} GET (+{} HEAD), {:.2}x layer bytes",
+                rc_cross.gets,
+                rc_cross.heads,
+                rc_cross.bytes as f64 / (32 * MIB) as f64
+            ),
+            reference: format!(
+                "distribution: {} GETs, {:.2}x layer bytes",
+                dp_cross.gets,
+                dp_cross.bytes as f64 / (32 * MIB) as f64
+            ),
+            ratio: format!("{} fetch", rc_cross.gets),
+            target: "1 upstream fetch".into(),
+            met: Some(rc_cross.gets == 1),
+        });
+
+        report.row(Row {
+            what: "Upstream requests for 100 GETs of a hot tag (within TTL)".into(),
+            regcache: format!("{rc_tag_ups}"),
+            reference: format!("distribution: {dp_tag_ups}"),
+            ratio: String::new(),
+            target: "(info)".into(),
+            met: None,
+        });
+    }
+
+    // ---- 3. cold single pull: regcache vs straight from upstream --------------------------
+    if k.want("pull") {
+        step(&format!(
+            "cold single pull of a 98 MiB image (4 layers), {} trials",
+            k.pulls
+        ));
+        // Per contender (upstream direct, regcache, distribution): per trial, per request
+        // (manifest, config, layers) the time to first byte and the total, in seconds.
+        let mut times: [Vec<Vec<(f64, f64)>>; 3] = Default::default();
+        // CPU seconds used during each pull by (the proxy, the upstream, this client).
+        let mut cpu: [Vec<[f64; 3]>; 3] = Default::default();
+        let upstream_pid = upstream.p.child.id();
+        for trial in 0..k.pulls {
+            for j in 0..3 {
+                let who = (trial + j) % 3;
+                let dir = root.join(format!("pull{trial}-{who}"));
+                let mut srv = match who {
+                    0 => None,
+                    1 => Some(start_regcache(&dir, &up).await),
+                    _ => Some(start_registry(&registry_bin, &dir, Some(&up)).await),
+                };
+                let base = srv.as_ref().map_or(up.clone(), |s| s.url.clone());
+                let pids = [
+                    srv.as_ref().map(|s| s.p.child.id()),
+                    Some(upstream_pid),
+                    Some(std::process::id()),
+                ];
+                let before = pids.map(cpu_secs);
+                let t = pull(&client, &base, "bench/pull", "latest").await.unwrap();
+                let after = pids.map(cpu_secs);
+                cpu[who].push([0, 1, 2].map(|i| after[i] - before[i]));
+                times[who].push(t);
+                if let Some(s) = &mut srv {
+                    s.stop();
+                }
+                // Drop the copy this trial made so the disk's write-back does not pile up.
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        let totals: Vec<Vec<f64>> = times
+            .iter()
+            .map(|trials| trials.iter().map(|t| t.iter().map(|x| x.1).sum()).collect())
+            .collect();
+        let (m_up, m_rc, m_dp) = (median(&totals[0]), median(&totals[1]), median(&totals[2]));
+        let pull_ratio = m_rc / m_up;
+        report.row(Row {
+            what: format!(
+                "Cold single pull (manifest + config + 4 layers, 98 MiB), median of {}; wall time",
+                k.pulls
+            ),
+            regcache: format!("{:.0} ms", m_rc * 1e3),
+            reference: format!(
+                "upstream direct: {:.0} ms; distribution: {:.0} ms",
+                m_up * 1e3,
+                m_dp * 1e3
+            ),
+            ratio: format!("{pull_ratio:.2}x upstream"),
+            target: "<= 1.1x upstream".into(),
+            met: Some(pull_ratio <= 1.1),
+        });
+        report.raw(format!(
+            "cold pull trials (ms): upstream {:?}; regcache {:?}; distribution {:?}",
+            ms(&totals[0]),
+            ms(&totals[1]),
+            ms(&totals[2])
+        ));
+        for (who, name) in ["upstream direct", "regcache", "distribution"]
+            .iter()
+            .enumerate()
+        {
+            let n_items = times[who].first().map_or(0, Vec::len);
+            let items: Vec<String> = (0..n_items)
+                .map(|i| {
+                    let ttfb: Vec<f64> = times[who].iter().map(|t| t[i].0).collect();
+                    let total: Vec<f64> = times[who].iter().map(|t| t[i].1).collect();
+                    let label = ["manifest", "config", "64MiB", "24MiB", "8MiB", "2MiB"]
+                        .get(i)
+                        .copied()
+                        .unwrap_or("?");
+                    if i == 0 {
+                        format!("{label} {:.1}", median(&total) * 1e3)
+                    } else {
+                        format!(
+                            "{label} {:.1}/{:.1}",
+                            median(&ttfb) * 1e3,
+                            median(&total) * 1e3
+                        )
+                    }
+                })
+                .collect();
+            report.raw(format!(
+                "cold pull per request, {name} (median ms, first byte/total): {}",
+                items.join(", ")
+            ));
+            let c = |i: usize| median(&cpu[who].iter().map(|c| c[i]).collect::<Vec<_>>()) * 1e3;
+            report.raw(format!(
+                "cold pull CPU time, {name} (median ms): proxy {:.0}, upstream {:.0}, client {:.0}; sum {:.0} over a {:.0} ms pull on {} cores",
+                c(0),
+                c(1),
+                c(2),
+                c(0) + c(1) + c(2),
+                median(&totals[who]) * 1e3,
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            ));
+        }
+    }
+
+    // ---- 4. peak RSS: 64 concurrent downloads of a 100 MiB blob, cold then hot ------------
+    if k.want("hot") {
+        step("peak RSS: 64 concurrent downloads of a 100 MiB blob, cold");
+        let rc_dir = root.join("rc-hot");
+        let dp_dir = root.join("dp-hot");
+        let meter = Meter::start(up_addr).await;
+        let mut rc = start_regcache(&rc_dir, &meter.url()).await;
+        let rc_idle = rc.p.status_kib("VmRSS");
+        let rc_cold = concurrent_gets(&client, &format!("{}{path}", rc.url), &big_d, BIG, 64).await;
+        let rc_cold_hwm = rc.p.status_kib("VmHWM");
+        let rc_cold_up = meter.snapshot(&big_d);
+        tokio::time::sleep(Duration::from_secs(1)).await; // let the commit finish
+        rc.stop();
+        let meter = Meter::start(up_addr).await;
+        let mut dp = start_registry(&registry_bin, &dp_dir, Some(&meter.url())).await;
+        let dp_idle = dp.p.status_kib("VmRSS");
+        let dp_cold = concurrent_gets(&client, &format!("{}{path}", dp.url), &big_d, BIG, 64).await;
+        let dp_cold_hwm = dp.p.status_kib("VmHWM");
+        let dp_cold_up = meter.snapshot(&big_d);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        dp.stop();
+        drop(meter);
+        report.row(Row {
+            what: "Peak RSS (VmHWM), 64 concurrent cold GETs of a 100 MiB blob".into(),
+            regcache: format!(
+                "{:.1} MiB (idle {:.1}), {}/64 ok, upstream {:.2}x",
+                mib(rc_cold_hwm),
+                mib(rc_idle),
+                rc_cold.ok,
+                rc_cold_up.bytes as f64 / BIG as f64
+            ),
+            reference: format!(
+                "distribution: {:.1} MiB (idle {:.1}), {}/64 ok, upstream {:.2}x",
+                mib(dp_cold_hwm),
+                mib(dp_idle),
+                dp_cold.ok,
+                dp_cold_up.bytes as f64 / BIG as f64
+            ),
+            ratio: format!(
+                "{:.2}x distribution",
+                rc_cold_hwm as f64 / dp_cold_hwm as f64
+            ),
+            target: "<= 64 MiB".into(),
+            met: Some(mib(rc_cold_hwm) <= 64.0 && rc_cold.ok == 64),
+        });
+
+        step("peak RSS: 64 concurrent downloads of a 100 MiB blob, hot (fresh processes)");
+        // Fresh processes on the same data, straight at the upstream (no meter in the path).
+        let mut rc = start_regcache(&rc_dir, &up).await;
+        let mut dp = start_registry(&registry_bin, &dp_dir, Some(&up)).await;
+        let status = blob_cache_status(&client, &format!("{}{path}", rc.url)).await;
+        assert!(
+            status.contains("hit"),
+            "the 100 MiB blob should be cached after a restart; Cache-Status: {status}"
+        );
+        let rc_idle = rc.p.status_kib("VmRSS");
+        let rc_hot = concurrent_gets(&client, &format!("{}{path}", rc.url), &big_d, BIG, 64).await;
+        let rc_hot_hwm = rc.p.status_kib("VmHWM");
+        let dp_idle = dp.p.status_kib("VmRSS");
+        let dp_hot = concurrent_gets(&client, &format!("{}{path}", dp.url), &big_d, BIG, 64).await;
+        let dp_hot_hwm = dp.p.status_kib("VmHWM");
+        report.row(Row {
+            what: "Peak RSS (VmHWM), 64 concurrent hot GETs of a 100 MiB blob".into(),
+            regcache: format!(
+                "{:.1} MiB (idle {:.1}), {}/64 ok, {:.2} s",
+                mib(rc_hot_hwm),
+                mib(rc_idle),
+                rc_hot.ok,
+                rc_hot.secs
+            ),
+            reference: format!(
+                "distribution: {:.1} MiB (idle {:.1}), {}/64 ok, {:.2} s",
+                mib(dp_hot_hwm),
+                mib(dp_idle),
+                dp_hot.ok,
+                dp_hot.secs
+            ),
+            ratio: format!("{:.2}x distribution", rc_hot_hwm as f64 / dp_hot_hwm as f64),
+            target: "<= 64 MiB".into(),
+            met: Some(mib(rc_hot_hwm) <= 64.0 && rc_hot.ok == 64),
+        });
+
+        // ---- 5. hot blobs: wrk, 16 connections, regcache vs distribution vs nginx -------------
+        let small_path = format!("/v2/bench/small/blobs/{small_d}");
+        for srv_url in [&rc.url, &dp.url, &nginx.url] {
+            for p in [&path, &small_path] {
+                // Two full GETs: the first may fill the cache, the second reads it.
+                for _ in 0..2 {
+                    let d = if p == &path { &big_d } else { &small_d };
+                    let size = if p == &path { BIG } else { SMALL };
+                    get_verify(&client, &format!("{srv_url}{p}"), d, size)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let servers = [
+            ("regcache", rc.url.clone()),
+            ("distribution", dp.url.clone()),
+            ("nginx", nginx.url.clone()),
+        ];
+        for (label, p) in [("100 MiB", &path), ("5 MiB", &small_path)] {
+            step(&format!(
+                "hot blob {label}: wrk -t2 -c16 -d{}s, {} interleaved rounds",
+                k.secs, k.rounds
+            ));
+            let runs = interleaved(&servers, p, 16, &[], &k, &mut report).await;
+            let (rc_t, dp_t, ng_t) = (tput(&runs[0]), tput(&runs[1]), tput(&runs[2]));
+            let ratios: Vec<f64> = (0..k.rounds)
+                .map(|r| rc_t[r] / dp_t[r].max(ng_t[r]))
+                .collect();
+            let ratio = median(&ratios);
+            let errors = wrk_errors(&runs);
+            report.row(Row {
+                what: format!(
+                    "Hot blob {label}, 16 connections; throughput (GiB/s, median of rounds)"
+                ),
+                regcache: format!("{:.2} GiB/s{}", median(&rc_t), errors[0]),
+                reference: format!(
+                    "distribution: {:.2} GiB/s{}; nginx: {:.2} GiB/s{}",
+                    median(&dp_t),
+                    errors[1],
+                    median(&ng_t),
+                    errors[2]
+                ),
+                ratio: format!("{ratio:.2}x faster ref (rounds: {})", fmt_list(&ratios)),
+                target: ">= 1.0x faster of nginx, distribution".into(),
+                met: Some(ratio >= 1.0),
+            });
+        }
+
+        // ---- 6. hot tag manifest within the TTL, 64 connections --------------------------------
+        step(&format!(
+            "hot tag manifest: wrk -t2 -c64 -d{}s, {} interleaved rounds",
+            k.secs, k.rounds
+        ));
+        let mpath = "/v2/bench/small/manifests/latest".to_owned();
+        for srv_url in [&rc.url, &dp.url] {
+            for _ in 0..2 {
+                get_manifest(&client, srv_url, "bench/small", "latest")
+                    .await
+                    .unwrap();
+            }
+        }
+        let accept = format!("Accept: {ACCEPT}");
+        let runs = interleaved(&servers, &mpath, 64, &[&accept], &k, &mut report).await;
+        let rps = |i: usize| runs[i].iter().map(|w| w.rps).collect::<Vec<f64>>();
+        let p99 = |i: usize| runs[i].iter().map(|w| w.p99_ms).collect::<Vec<f64>>();
+        let (rc_r, dp_r, ng_r) = (rps(0), rps(1), rps(2));
+        let ratios: Vec<f64> = (0..k.rounds).map(|r| rc_r[r] / dp_r[r]).collect();
+        let ratio = median(&ratios);
+        let rc_p99 = median(&p99(0));
+        let errors = wrk_errors(&runs);
+        report.row(Row {
+        what: "Hot tag manifest within TTL, 64 connections; requests/s (median of rounds), p99"
+            .into(),
+        regcache: format!("{:.0} req/s, p99 {rc_p99:.2} ms{}", median(&rc_r), errors[0]),
+        reference: format!(
+            "distribution: {:.0} req/s, p99 {:.2} ms{}; nginx (static file): {:.0} req/s, p99 {:.2} ms{}",
+            median(&dp_r),
+            median(&p99(1)),
+            errors[1],
+            median(&ng_r),
+            median(&p99(2)),
+            errors[2]
+        ),
+        ratio: format!("{ratio:.1}x distribution (rounds: {})", fmt_list(&ratios)),
+        target: ">= 30x distribution, p99 < 5 ms".into(),
+        met: Some(ratio >= 30.0 && rc_p99 < 5.0),
+    });
+        report.row(Row {
+            what: "Peak RSS (VmHWM) of the hot processes after all hot wrk runs".into(),
+            regcache: format!("{:.1} MiB", mib(rc.p.status_kib("VmHWM"))),
+            reference: format!("distribution: {:.1} MiB", mib(dp.p.status_kib("VmHWM"))),
+            ratio: String::new(),
+            target: "(info)".into(),
+            met: None,
+        });
+
+        rc.stop();
+        dp.stop();
+    }
+    nginx.stop();
+    upstream.stop();
+
+    report.print(&k, started.elapsed());
+}
+
+// ---- the report -----------------------------------------------------------------------------
+
+struct Row {
+    what: String,
+    regcache: String,
+    reference: String,
+    ratio: String,
+    target: String,
+    met: Option<bool>,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    raw: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, r: Row) {
+        eprintln!(
+            "  -> {}: regcache {} | {} | {}",
+            r.what, r.regcache, r.reference, r.ratio
+        );
+        self.rows.push(r);
+    }
+
+    fn raw(&mut self, line: String) {
+        eprintln!("  {line}");
+        self.raw.push(line);
+    }
+
+    fn print(&self, k: &Knobs, took: Duration) {
+        let mut out = String::new();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|s| s.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let _ = writeln!(
+            out,
+            "\n## Load benchmark results\n\nmachine: {cores} cores, {cpu}; wrk {}s per run, {} rounds, {} cold pulls; bench took {:.0} s\n",
+            k.secs,
+            k.rounds,
+            k.pulls,
+            took.as_secs_f64()
+        );
+        let _ = writeln!(
+            out,
+            "| # | Measurement | regcache | reference points | ratio | target | met |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for (i, r) in self.rows.iter().enumerate() {
+            let met = match r.met {
+                Some(true) => "yes",
+                Some(false) => "**NO**",
+                None => "",
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {met} |",
+                i + 1,
+                r.what,
+                r.regcache,
+                r.reference,
+                r.ratio,
+                r.target
+            );
+        }
+        let _ = writeln!(out, "\nRaw runs (each wrk run, in the order they ran):\n");
+        for l in &self.raw {
+            let _ = writeln!(out, "- {l}");
+        }
+        println!("{out}");
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("load: {what}");
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn ms(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|s| (s * 1e3).round() as u64).collect()
+}
+
+fn fmt_list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// ---- wrk ------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default)]
+struct Wrk {
+    requests: u64,
+    rps: f64,
+    /// Bytes read per second (wrk's Transfer/sec: partial responses at the end count too).
+    bytes_per_sec: f64,
+    p99_ms: f64,
+    non_2xx: u64,
+    socket_errors: String,
+}
+
+/// GiB/s of each run.
+fn tput(runs: &[Wrk]) -> Vec<f64> {
+    runs.iter().map(|w| w.bytes_per_sec / GIB).collect()
+}
+
+/// A note per server when any of its runs saw errors.
+fn wrk_errors(runs: &[Vec<Wrk>]) -> Vec<String> {
+    runs.iter()
+        .map(|rs| {
+            let non: u64 = rs.iter().map(|w| w.non_2xx).sum();
+            let sock: Vec<&str> = rs
+                .iter()
+                .map(|w| w.socket_errors.as_str())
+                .filter(|s| !s.is_empty())
+                .collect();
+            let mut s = String::new();
+            if non > 0 {
+                s += &format!(" ({non} non-2xx!)");
+            }
+            if !sock.is_empty() {
+                s += &format!(" (socket errors: {})", sock.join("; "));
+            }
+            s
+        })
+        .collect()
+}
+
+/// `rounds` rounds of one wrk run per server, the order rotating each round.
+async fn interleaved(
+    servers: &[(&str, String)],
+    path: &str,
+    conns: u32,
+    headers: &[&str],
+    k: &Knobs,
+    report: &mut Report,
+) -> Vec<Vec<Wrk>> {
+    let mut out: Vec<Vec<Wrk>> = vec![Vec::new(); servers.len()];
+    for round in 0..k.rounds {
+        for j in 0..servers.len() {
+            let i = (round + j) % servers.len();
+            let (name, base) = &servers[i];
+            let w = wrk(&format!("{base}{path}"), conns, k.secs, headers).await;
+            report.raw(format!(
+                "round {} {name} c{conns} {path}: {} requests, {:.0} req/s, {:.3} GiB/s, p99 {:.2} ms{}{}",
+                round + 1,
+                w.requests,
+                w.rps,
+                w.bytes_per_sec / GIB,
+                w.p99_ms,
+                if w.non_2xx > 0 {
+                    format!(", {} non-2xx", w.non_2xx)
+                } else {
+                    String::new()
+                },
+                if w.socket_errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(", socket errors {}", w.socket_errors)
+                }
+            ));
+            out[i].push(w);
+        }
+    }
+    out
+}
+
+async fn wrk(url: &str, conns: u32, secs: u64, headers: &[&str]) -> Wrk {
+    let mut cmd = tokio::process::Command::new("wrk");
+    cmd.args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .args(["--timeout", "30s", "--latency"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    cmd.arg(url);
+    let out = cmd.output().await.expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_wrk(&text).unwrap_or_else(|| panic!("cannot read wrk's output:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<Wrk> {
+    let mut w = Wrk::default();
+    let mut seen = (false, false, false);
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            w.rps = rest.trim().parse().ok()?;
+            seen.0 = true;
+        } else if let Some(rest) = line.strip_prefix("Transfer/sec:") {
+            w.bytes_per_sec = size_bytes(rest.trim())?;
+            seen.1 = true;
+        } else if let Some(rest) = line.strip_prefix("99%") {
+            w.p99_ms = time_ms(rest.trim())?;
+            seen.2 = true;
+        } else if line.contains(" requests in ") {
+            w.requests = line.split_whitespace().next()?.parse().ok()?;
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            w.non_2xx = rest.trim().parse().ok()?;
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            w.socket_errors = rest.trim().to_owned();
+        }
+    }
+    (seen == (true, true, true)).then_some(w)
+}
+
+/// wrk's binary units: "2.95GB" is 2.95 GiB.
+fn size_bytes(s: &str) -> Option<f64> {
+    let i = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let n: f64 = s[..i].parse().ok()?;
+    let mult = match &s[i..] {
+        "B" => 1.0,
+        "KB" => 1024.0,
+        "MB" => 1024.0 * 1024.0,
+        "GB" => GIB,
+        "TB" => GIB * 1024.0,
+        _ => return None,
+    };
+    Some(n * mult)
+}
+
+fn time_ms(s: &str) -> Option<f64> {
+    let i = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let n: f64 = s[..i].parse().ok()?;
+    let mult = match &s[i..] {
+        "us" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        "m" => 60e3,
+        "h" => 3600e3,
+        _ => return None,
+    };
+    Some(n * mult)
+}
+
+// ---- processes ------------------------------------------------------------------------------
+
+fn require(program: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"] {
+        let p = Path::new(dir).join(program);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "`{program}` is not installed; the load benchmark needs it. Install it with \
+         `apt-get install -y {package}` (or run ./scripts/bench, which does)"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// CPU seconds a process's live threads have run (from `/proc/PID/task/*/schedstat`).
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Proc { name, child, log }
+    }
+
+    /// A `/proc/PID/status` value in KiB (`VmHWM`, `VmRSS`).
+    fn status_kib(&self, key: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A server process and its base URL.
+struct Srv {
+    p: Proc,
+    url: String,
+}
+
+impl Srv {
+    fn stop(&mut self) {
+        self.p.stop();
+    }
+}
+
+async fn wait_up(p: &mut Proc, url: &str) {
+    let client = http();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("{} exited ({status}):\n{}", p.name, p.log_text());
+        }
+        if client.get(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{} did not come up at {url}:\n{}", p.name, p.log_text());
+}
+
+/// Debian's `docker-registry`: a plain registry, or a pull-through proxy of `proxy`.
+async fn start_registry(bin: &Path, dir: &Path, proxy: Option<&str>) -> Srv {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let proxy_yaml = proxy.map_or(String::new(), |u| format!("proxy:\n  remoteurl: {u}\n"));
+    let config = format!(
+        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy_yaml}",
+        dir.join("data").display()
+    );
+    let cfg = dir.join("config.yml");
+    std::fs::write(&cfg, config).unwrap();
+    let name = if proxy.is_some() {
+        "docker-registry (proxy)"
+    } else {
+        "docker-registry"
+    };
+    let mut p = Proc::spawn(
+        name,
+        Command::new(bin).arg("serve").arg(&cfg),
+        dir.join("registry.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_up(&mut p, &format!("{url}/v2/")).await;
+    Srv { p, url }
+}
+
+/// regcache's release binary with Docker Hub replaced by `upstream` and default cache policy.
+async fn start_regcache(dir: &Path, upstream: &str) -> Srv {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let cfg = dir.join("regcache.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[upstreams.\"docker.io\"]\nurls = [\"{upstream}\"]\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let wrap: Vec<String> = std::env::var("BENCH_WRAP")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let mut cmd = match wrap.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg(env!("CARGO_BIN_EXE_regcache"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_regcache")),
+    };
+    let mut p = Proc::spawn(
+        "regcache",
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("RUST_LOG"),
+        dir.join("regcache.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_up(&mut p, &format!("{url}/v2/")).await;
+    Srv { p, url }
+}
+
+/// nginx serving `dir/www` with sendfile, as the ceiling for bytes from disk.
+async fn start_nginx(bin: &Path, dir: &Path) -> Srv {
+    let port = free_port();
+    for t in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(dir.join("tmp").join(t)).unwrap();
+    }
+    let root_user = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    let d = dir.display();
+    let conf = format!(
+        "{user}worker_processes auto;
+error_log {d}/error.log warn;
+pid {d}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  default_type application/octet-stream;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    root {d}/www;
+    location / {{ }}
+  }}
+}}
+",
+        user = if root_user { "user root;\n" } else { "" }
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut p = Proc::spawn(
+        "nginx",
+        Command::new(bin)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"]),
+        dir.join("stdout.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_up(&mut p, &format!("{url}/")).await;
+    Srv { p, url }
+}
+
+// ---- the metering proxy ---------------------------------------------------------------------
+
+/// A counting reverse proxy in front of the upstream: requests (method, path) and body bytes.
+struct Meter {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(String, String)>>>,
+    bytes: Arc<AtomicU64>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// What went upstream for one blob.
+struct Upstream {
+    gets: usize,
+    heads: usize,
+    /// Body bytes of every upstream answer.
+    bytes: u64,
+}
+
+impl Meter {
+    async fn start(target: SocketAddr) -> Meter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let bytes: Arc<AtomicU64> = Arc::default();
+        let client: Client<HttpConnector, Incoming> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let (stop, mut stopped) = oneshot::channel();
+        let (seen2, bytes2) = (Arc::clone(&seen), Arc::clone(&bytes));
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    a = listener.accept() => a.unwrap(),
+                    _ = &mut stopped => return,
+                };
+                let (client, seen, bytes) =
+                    (client.clone(), Arc::clone(&seen2), Arc::clone(&bytes2));
+                tokio::spawn(async move {
+                    let svc = service_fn(move |mut req: hyper::Request<Incoming>| {
+                        let (client, seen, bytes) =
+                            (client.clone(), Arc::clone(&seen), Arc::clone(&bytes));
+                        async move {
+                            let pq = req
+                                .uri()
+                                .path_and_query()
+                                .map_or("/".to_owned(), |p| p.as_str().to_owned());
+                            seen.lock()
+                                .unwrap()
+                                .push((req.method().to_string(), pq.clone()));
+                            *req.uri_mut() = format!("http://{target}{pq}").parse().unwrap();
+                            let resp = client.request(req).await.unwrap();
+                            let (parts, body) = resp.into_parts();
+                            let body = body.map_frame(move |f| {
+                                if let Some(d) = f.data_ref() {
+                                    bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                                }
+                                f
+                            });
+                            Ok::<_, hyper::Error>(hyper::Response::from_parts(parts, body))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Meter {
+            addr,
+            seen,
+            bytes,
+            _stop: stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn total(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn reset(&self) {
+        self.seen.lock().unwrap().clear();
+        self.bytes.store(0, Ordering::SeqCst);
+    }
+
+    /// Upstream requests for one blob digest, and all body bytes so far.
+    fn snapshot(&self, digest: &str) -> Upstream {
+        let seen = self.seen.lock().unwrap();
+        let count = |m: &str| {
+            seen.iter()
+                .filter(|(method, p)| method == m && p.contains(&format!("/blobs/{digest}")))
+                .count()
+        };
+        Upstream {
+            gets: count("GET"),
+            heads: count("HEAD"),
+            bytes: self.bytes.load(Ordering::SeqCst),
+        }
+    }
+}
+
+// ---- images and clients ---------------------------------------------------------------------
+
+fn sha256(b: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(b))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible like real layers.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A single-platform Docker schema2 image. Layers are opaque bytes: registries do not look
+/// inside them.
+struct Img {
+    manifest: Bytes,
+    config: Bytes,
+    layers: Vec<Bytes>,
+}
+
+impl Img {
+    fn new(layers: Vec<Bytes>) -> Img {
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| sha256(l)).collect::<Vec<_>>()},
+        });
+        let config = Bytes::from(serde_json::to_vec(&config).unwrap());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": DOCKER_V2,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": sha256(&config)},
+            "layers": layers.iter().map(|l| serde_json::json!({
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": l.len(), "digest": sha256(l),
+            })).collect::<Vec<_>>(),
+        });
+        Img {
+            manifest: Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap()),
+            config,
+            layers,
+        }
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
+}
+
+/// Pushes an image through the registry API (monolithic blob uploads, then the manifest).
+async fn push(client: &reqwest::Client, base: &str, repo: &str, img: &Img) {
+    for blob in std::iter::once(&img.config).chain(&img.layers) {
+        let resp = client
+            .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "start upload: {:?}", resp.text().await);
+        let loc = resp.headers()["location"].to_str().unwrap().to_owned();
+        let loc = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{base}{loc}")
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let resp = client
+            .put(format!("{loc}{sep}digest={}", sha256(blob)))
+            .header("content-type", "application/octet-stream")
+            .body(blob.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "finish upload: {:?}", resp.text().await);
+    }
+    let resp = client
+        .put(format!("{base}/v2/{repo}/manifests/latest"))
+        .header("content-type", DOCKER_V2)
+        .body(img.manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "put manifest: {:?}", resp.text().await);
+}
+
+/// GETs a manifest with every modern `Accept`; checks its bytes against its digest header.
+async fn get_manifest(
+    client: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+) -> Result<Bytes, String> {
+    let resp = client
+        .get(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() != 200 {
+        return Err(format!("manifest {repo}:{reference}: {}", resp.status()));
+    }
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp.bytes().await.map_err(|e| e.to_string())?;
+    if let Some(d) = digest
+        && d != sha256(&body)
+    {
+        return Err(format!(
+            "manifest {repo}:{reference}: bytes do not match {d}"
+        ));
+    }
+    Ok(body)
+}
+
+/// Pulls an image as a client does (manifest, config, layers in turn), verifying every
+/// digest. Returns (time to first byte, total) in seconds of each request.
+async fn pull(
+    client: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+) -> Result<Vec<(f64, f64)>, String> {
+    let t = Instant::now();
+    let body = get_manifest(client, base, repo, tag).await?;
+    let mut times = vec![(f64::NAN, t.elapsed().as_secs_f64())];
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let blobs = std::iter::once(&v["config"]).chain(v["layers"].as_array().into_iter().flatten());
+    for b in blobs {
+        let d = b["digest"].as_str().ok_or("blob without digest")?;
+        let size = b["size"].as_u64().ok_or("blob without size")? as usize;
+        let t = Instant::now();
+        let ttfb = get_verify(client, &format!("{base}/v2/{repo}/blobs/{d}"), d, size).await?;
+        times.push((ttfb, t.elapsed().as_secs_f64()));
+    }
+    Ok(times)
+}
+
+/// GETs a blob, streaming it through sha256; an error unless the bytes match. Returns the
+/// seconds to the first body byte.
+async fn get_verify(
+    client: &reqwest::Client,
+    url: &str,
+    digest: &str,
+    size: usize,
+) -> Result<f64, String> {
+    let t = Instant::now();
+    let mut resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if resp.status() != 200 {
+        return Err(format!("GET {url}: {}", resp.status()));
+    }
+    let mut h = Sha256::new();
+    let mut n = 0usize;
+    let mut ttfb = None;
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        ttfb.get_or_insert_with(|| t.elapsed().as_secs_f64());
+        n += chunk.len();
+        h.update(&chunk);
+    }
+    let got = format!("sha256:{:x}", h.finalize());
+    if n != size || got != digest {
+        return Err(format!(
+            "GET {url}: {n} bytes of {got}, want {size} of {digest}"
+        ));
+    }
+    Ok(ttfb.unwrap_or(0.0))
+}
+
+/// The `Cache-Status` a HEAD gets.
+async fn blob_cache_status(client: &reqwest::Client, url: &str) -> String {
+    let resp = client.head(url).send().await.unwrap();
+    resp.headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+struct Concurrent {
+    ok: usize,
+    secs: f64,
+}
+
+/// `n` concurrent GETs of one blob, each verified; how many got the right bytes.
+async fn concurrent_gets(
+    client: &reqwest::Client,
+    url: &str,
+    digest: &str,
+    size: usize,
+    n: usize,
+) -> Concurrent {
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url, digest) = (client.clone(), url.to_owned(), digest.to_owned());
+            tokio::spawn(async move { get_verify(&client, &url, &digest, size).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => eprintln!("  client failed: {e}"),
+        }
+    }
+    Concurrent {
+        ok,
+        secs: t.elapsed().as_secs_f64(),
+    }
+}
