@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::oci::reference::{RepoName, valid_component};
+use crate::oci::reference::RepoName;
 
 /// The embedded default configuration (also the commented reference for every key).
 pub const DEFAULT_TOML: &str = include_str!("../config/regcache.toml");
@@ -487,12 +487,6 @@ impl Config {
     }
 }
 
-/// Whether `s` is a registry host rather than a first path component: Docker's rule is that
-/// `localhost` and anything with `.` or `:` is a host.
-pub fn looks_like_host(s: &str) -> bool {
-    s == "localhost" || s.contains('.') || s.contains(':') || !valid_component(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,13 +549,5 @@ mod tests {
         assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
         assert_eq!(parse_size("1.5 GB").unwrap(), 1_500_000_000);
         assert!(parse_size("12 parsecs").is_err());
-    }
-
-    #[test]
-    fn host_detection() {
-        assert!(looks_like_host("ghcr.io"));
-        assert!(looks_like_host("localhost"));
-        assert!(looks_like_host("reg:5000"));
-        assert!(!looks_like_host("library"));
     }
 }

@@ -31,6 +31,18 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Show where an image reference goes: upstream, URL, repository, reference, and why.
+    Resolve {
+        /// Config file (TOML); without it the embedded default is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// containerd's `ns` parameter, as a mirror request from containerd carries it.
+        #[arg(long)]
+        ns: Option<String>,
+        /// An image reference as a user types it: `alpine`, `ghcr.io/org/app:1`,
+        /// `registry.example.com:5000/team/web@sha256:...`.
+        reference: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -79,6 +91,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Resolve {
+            config,
+            ns,
+            reference,
+        } => {
+            let config = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::embedded(),
+            };
+            print!("{}", resolve(&config, &reference, ns.as_deref())?);
+            Ok(())
+        }
         Command::Serve(args) => {
             let mut config = match &args.config {
                 Some(path) => Config::load(path)?,
@@ -105,6 +129,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `regcache resolve`: the request path a client would send for `reference`, and its route.
+fn resolve(config: &Config, reference: &str, ns: Option<&str>) -> anyhow::Result<String> {
+    use regcache::oci::image_ref::{ImageRef, Name};
+    let r: ImageRef = reference
+        .parse()
+        .with_context(|| format!("{reference:?} is not an image reference"))?;
+    // Docker's registry-mirror traffic carries no registry; every other client names it in the
+    // path (podman, skopeo) or in containerd's `ns`.
+    let path = if ns.is_some() || (!r.explicit_registry && r.registry == "docker.io") {
+        r.repo.to_string()
+    } else {
+        format!("{}/{}", r.registry, r.repo)
+    };
+    let name: Name = path.parse()?;
+    let route = regcache::proxy::Router::new(config)
+        .route(&name, ns)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let upstream = &config.upstreams[&route.upstream];
+    let mut out = format!(
+        "reference:  {r}\nupstream:   {}\nrepository: {}\nreference:  {}\nwhy:        {}\n",
+        route.upstream,
+        route.repo,
+        r.reference(),
+        route.why
+    );
+    for url in &upstream.urls {
+        out.push_str(&format!(
+            "url:        {}/v2/{}/manifests/{}\n",
+            url.trim_end_matches('/'),
+            route.repo,
+            r.reference()
+        ));
+    }
+    Ok(out)
 }
 
 fn init_logging(config: &Config, format: Option<LogFormat>) {

@@ -70,8 +70,8 @@ async fn bad_requests_get_oci_errors_and_touch_nothing() {
         ("/v2/alp%00ine/manifests/3".into(), 400, "NAME_INVALID"),
         ("/v2/-alpine/manifests/3".into(), 400, "NAME_INVALID"),
         (format!("/v2/{long_name}/manifests/3"), 400, "NAME_INVALID"),
-        // a port is outside the name grammar; prefixes are upstream names or bare hosts
-        ("/v2/localhost:5000/x/manifests/1".into(), 400, "NAME_INVALID"),
+        ("/v2/bad_host:5000/x/manifests/1".into(), 400, "NAME_INVALID"),
+        ("/v2/host:99999999/x/manifests/1".into(), 400, "NAME_INVALID"),
         // malformed or unsupported digests and tags
         ("/v2/alpine/blobs/sha256:abc".into(), 400, "DIGEST_INVALID"),
         (format!("/v2/alpine/blobs/sha256:{hex63}"), 400, "DIGEST_INVALID"),
@@ -86,6 +86,8 @@ async fn bad_requests_get_oci_errors_and_touch_nothing() {
         // registries nobody configured
         ("/v2/quay.example.com/x/y/manifests/1".into(), 404, "NAME_UNKNOWN"),
         ("/v2/localhost/x/manifests/1".into(), 404, "NAME_UNKNOWN"),
+        ("/v2/localhost:5000/x/manifests/1".into(), 404, "NAME_UNKNOWN"),
+        ("/v2/registry.corp.example:5443/a/b/manifests/1".into(), 404, "NAME_UNKNOWN"),
         ("/v2/x/y/manifests/1?ns=registry.example.org".into(), 404, "NAME_UNKNOWN"),
     ];
     let mut wrong = Vec::new();

@@ -1,6 +1,7 @@
 //! The registry protocol, pure: names, digests, routes, media types. No I/O here.
 
 pub mod digest;
+pub mod image_ref;
 pub mod media_type;
 pub mod range;
 pub mod reference;

@@ -4,7 +4,8 @@
 //! digest before using it in a file path or an upstream URL.
 
 use super::digest::{Digest, DigestError};
-use super::reference::{NameError, Reference, RepoName};
+use super::image_ref::Name;
+use super::reference::{NameError, Reference};
 
 /// A parsed registry API request path (method-independent).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,18 +15,15 @@ pub enum Route {
     /// `/v2/_catalog`.
     Catalog,
     /// `/v2/<name>/manifests/<reference>`.
-    Manifest {
-        name: RepoName,
-        reference: Reference,
-    },
+    Manifest { name: Name, reference: Reference },
     /// `/v2/<name>/blobs/<digest>`.
-    Blob { name: RepoName, digest: Digest },
+    Blob { name: Name, digest: Digest },
     /// `/v2/<name>/blobs/uploads/...`: a push, which a mirror never accepts.
-    Upload { name: RepoName },
+    Upload { name: Name },
     /// `/v2/<name>/tags/list`.
-    TagsList { name: RepoName },
+    TagsList { name: Name },
     /// `/v2/<name>/referrers/<digest>`.
-    Referrers { name: RepoName, digest: Digest },
+    Referrers { name: Name, digest: Digest },
 }
 
 /// The parsed request: its route and containerd's `ns` parameter, if given.
@@ -73,7 +71,7 @@ fn parse_path(path: &str) -> Result<Route, RouteError> {
     }
     let segs: Vec<&str> = rest.split('/').collect();
     let n = segs.len();
-    let name_of = |end: usize| -> Result<RepoName, RouteError> {
+    let name_of = |end: usize| -> Result<Name, RouteError> {
         if end == 0 {
             return Err(RouteError::NotFound);
         }

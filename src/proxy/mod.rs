@@ -9,6 +9,7 @@
 
 mod blobs;
 mod manifests;
+pub mod router;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,13 +21,15 @@ use hyper::body::Incoming;
 
 pub use blobs::{BlobAnswer, BlobBody};
 pub use manifests::Manifest;
+pub use router::{Route, Router};
 
 use crate::cache::blobs::Store;
 use crate::cache::flight::{Fills, Group};
 use crate::cache::index::Index;
-use crate::config::{Config, looks_like_host};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::oci::image_ref::Name;
 use crate::oci::reference::RepoName;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
@@ -104,8 +107,7 @@ pub struct Proxy {
     config: Arc<Config>,
     upstreams: HashMap<String, Arc<Upstream>>,
     /// Route name (upstream name or host, lowercase) -> upstream name.
-    routes: HashMap<String, String>,
-    aliases: HashMap<String, (String, RepoName)>,
+    router: Router,
     store: Store,
     index: Index,
     hot_manifests: moka::sync::Cache<crate::oci::digest::Digest, Arc<Manifest>>,
@@ -140,7 +142,6 @@ impl Proxy {
         let index = Index::open(&data.join("index"))?;
         let metrics = Arc::new(Metrics::new());
         let mut upstreams = HashMap::new();
-        let mut routes = HashMap::new();
         for (name, cfg) in &config.upstreams {
             let up = Upstream::new(name, cfg, Arc::clone(&metrics)).map_err(|source| {
                 StartError::Upstream {
@@ -149,15 +150,8 @@ impl Proxy {
                 }
             })?;
             upstreams.insert(name.clone(), Arc::new(up));
-            for r in config.route_names(name, cfg) {
-                routes.insert(r, name.clone());
-            }
         }
-        let aliases = config
-            .aliases
-            .iter()
-            .filter_map(|(k, v)| Some((k.clone(), config.resolve_alias_target(v).ok()?)))
-            .collect();
+        let router = Router::new(&config);
         let hot_manifests = moka::sync::Cache::builder()
             .max_capacity(config.cache.manifest_memory)
             .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
@@ -169,8 +163,7 @@ impl Proxy {
         Ok(Arc::new(Proxy {
             config,
             upstreams,
-            routes,
-            aliases,
+            router,
             store,
             index,
             hot_manifests,
@@ -227,44 +220,12 @@ impl Proxy {
     /// Maps a client's repository name (and containerd's `ns`) to an upstream repository:
     /// `ns` first, then aliases, then a path prefix naming an upstream, else the default
     /// upstream. Docker Hub's one-component names get `library/`.
-    pub fn resolve(&self, name: &RepoName, ns: Option<&str>) -> Result<Target> {
-        let target = |up: &str, repo: &RepoName| -> Result<Target> {
-            let upstream = Arc::clone(&self.upstreams[up]);
-            let repo = match self.config.short_name_prefix(up) {
-                Some(prefix) if repo.components().count() == 1 => repo
-                    .prefixed(prefix)
-                    .map_err(|e| Error::NameInvalid(e.to_string()))?,
-                _ => repo.clone(),
-            };
-            Ok(Target { upstream, repo })
-        };
-        if let Some(ns) = ns {
-            let up = self.routes.get(&ns.to_ascii_lowercase()).ok_or_else(|| {
-                Error::NameUnknown(format!("no upstream is configured for registry {ns:?}"))
-            })?;
-            return target(up, name);
-        }
-        if let Some((up, repo)) = self.aliases.get(name.as_str()) {
-            return target(up, repo);
-        }
-        let mut parts = name.as_str().splitn(2, '/');
-        let first = parts.next().unwrap_or_default();
-        if let Some(rest) = parts.next() {
-            if let Some(up) = self.routes.get(first) {
-                let repo: RepoName =
-                    rest.parse()
-                        .map_err(|e: crate::oci::reference::NameError| {
-                            Error::NameInvalid(e.to_string())
-                        })?;
-                return target(up, &repo);
-            }
-            if looks_like_host(first) {
-                return Err(Error::NameUnknown(format!(
-                    "no upstream is configured for registry {first:?}"
-                )));
-            }
-        }
-        target(&self.config.default_upstream, name)
+    pub fn resolve(&self, name: &Name, ns: Option<&str>) -> Result<Target> {
+        let route = self.router.route(name, ns)?;
+        Ok(Target {
+            upstream: Arc::clone(&self.upstreams[&route.upstream]),
+            repo: route.repo,
+        })
     }
 
     /// `GET tags/list`, reused for `tags_list_ttl`.
@@ -411,7 +372,7 @@ mod tests {
     }
 
     fn resolve(p: &Proxy, name: &str, ns: Option<&str>) -> Result<(String, String)> {
-        let t = p.resolve(&name.parse().unwrap(), ns)?;
+        let t = p.resolve(&name.parse::<Name>().unwrap(), ns)?;
         Ok((t.upstream.name.clone(), t.repo.to_string()))
     }
 
