@@ -28,6 +28,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONCURRENT: usize = 32;
+pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(15);
 /// The namespace Docker Hub gives one-component names (`alpine` -> `library/alpine`).
@@ -109,6 +110,19 @@ pub struct UpstreamConfig {
     pub short_name_prefix: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// A file holding the password (read again whenever credentials are refreshed).
+    pub password_file: Option<PathBuf>,
+    /// Get credentials from `docker-credential-<NAME> get` (ecr-login, gcloud, acr-env ...).
+    pub credential_helper: Option<String>,
+    /// Take credentials from a Docker `config.json` (`auths`, `credHelpers`, `credsStore`).
+    pub docker_config: Option<PathBuf>,
+    /// How long credentials from a helper or `docker_config` are reused; a 401 refreshes them
+    /// at once.
+    #[serde(default = "d_credential_ttl", with = "humantime_serde")]
+    pub credential_ttl: Duration,
+    /// Other credentials for repositories under a prefix; the longest matching prefix wins.
+    #[serde(default)]
+    pub credentials: Vec<RepoCredentials>,
     /// Forward a client's own `Authorization` upstream instead of regcache's credentials.
     #[serde(default)]
     pub pass_client_auth: bool,
@@ -132,6 +146,19 @@ pub struct UpstreamConfig {
     /// How long an open breaker answers at once without asking upstream, before one probe.
     #[serde(default = "d_breaker_open_for", with = "humantime_serde")]
     pub breaker_open_for: Duration,
+}
+
+/// Credentials for the repositories of one upstream under `repo_prefix`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoCredentials {
+    /// `team` matches `team` and `team/...`.
+    pub repo_prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub credential_helper: Option<String>,
+    pub docker_config: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -176,6 +203,9 @@ fn d_breaker_failures() -> u32 {
 fn d_breaker_open_for() -> Duration {
     DEFAULT_BREAKER_OPEN_FOR
 }
+fn d_credential_ttl() -> Duration {
+    DEFAULT_CREDENTIAL_TTL
+}
 fn d_read_timeout() -> Duration {
     DEFAULT_READ_TIMEOUT
 }
@@ -210,6 +240,11 @@ impl UpstreamConfig {
             short_name_prefix: None,
             username: None,
             password: None,
+            password_file: None,
+            credential_helper: None,
+            docker_config: None,
+            credential_ttl: DEFAULT_CREDENTIAL_TTL,
+            credentials: Vec::new(),
             pass_client_auth: false,
             ca_file: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -384,8 +419,75 @@ impl Config {
             if u.breaker_failures == 0 {
                 p.push(format!("{key}.breaker_failures: must be at least 1"));
             }
-            if u.password.is_some() && u.username.is_none() {
-                p.push(format!("{key}.password: set without username"));
+            let sources = std::iter::once((
+                key.clone(),
+                u.username.as_deref(),
+                u.password.is_some(),
+                u.password_file.as_deref(),
+                u.credential_helper.as_deref(),
+                u.docker_config.as_deref(),
+            ))
+            .chain(u.credentials.iter().enumerate().map(|(i, c)| {
+                (
+                    format!("{key}.credentials[{i}]"),
+                    c.username.as_deref(),
+                    c.password.is_some(),
+                    c.password_file.as_deref(),
+                    c.credential_helper.as_deref(),
+                    c.docker_config.as_deref(),
+                )
+            }));
+            for (at, user, password, password_file, helper, docker_config) in sources {
+                if (password || password_file.is_some()) && user.is_none() {
+                    p.push(format!("{at}.password: a password needs a username"));
+                }
+                if password && password_file.is_some() {
+                    p.push(format!("{at}: set password or password_file, not both"));
+                }
+                let kinds = [user.is_some(), helper.is_some(), docker_config.is_some()]
+                    .iter()
+                    .filter(|x| **x)
+                    .count();
+                if kinds > 1 {
+                    p.push(format!(
+                        "{at}: use one of username/password, credential_helper, docker_config"
+                    ));
+                }
+                if let Some(h) = helper
+                    && (h.is_empty() || h.contains(['/', ' ']))
+                {
+                    p.push(format!(
+                        "{at}.credential_helper: {h:?} must be a helper name (docker-credential-NAME)"
+                    ));
+                }
+                for (what, path) in [
+                    ("password_file", password_file),
+                    ("docker_config", docker_config),
+                ] {
+                    if let Some(path) = path
+                        && !path.is_file()
+                    {
+                        p.push(format!(
+                            "{at}.{what}: {} is not a readable file",
+                            path.display()
+                        ));
+                    }
+                }
+            }
+            for (i, c) in u.credentials.iter().enumerate() {
+                let prefix = c.repo_prefix.trim_end_matches('/');
+                if prefix.parse::<RepoName>().is_err() {
+                    p.push(format!(
+                        "{key}.credentials[{i}].repo_prefix: {:?} is not a repository path",
+                        c.repo_prefix
+                    ));
+                }
+                if c.username.is_none()
+                    && c.credential_helper.is_none()
+                    && c.docker_config.is_none()
+                {
+                    p.push(format!("{key}.credentials[{i}]: no credentials given"));
+                }
             }
             if let Some(ca) = &u.ca_file
                 && !ca.is_file()
@@ -516,6 +618,11 @@ mod tests {
             password = "p"
             [upstreams.b]
             urls = []
+            credential_helper = "bad/path"
+            [[upstreams.b.credentials]]
+            repo_prefix = "Team"
+            username = "u"
+            docker_config = "/nonexistent/config.json"
             [aliases]
             "Bad" = "nowhere.example/x"
         "#;
@@ -530,6 +637,10 @@ mod tests {
             "upstreams.\"a\".urls[0]",
             "upstreams.\"a\".password",
             "upstreams.\"b\".urls",
+            "upstreams.\"b\".credential_helper",
+            "upstreams.\"b\".credentials[0].repo_prefix",
+            "upstreams.\"b\".credentials[0]: use one of",
+            "upstreams.\"b\".credentials[0].docker_config",
             "aliases.\"Bad\": not a valid",
             "no upstream serves registry \"nowhere.example\"",
         ] {

@@ -144,16 +144,13 @@ impl moka::Expiry<String, Token> for TokenExpiry {
 
 /// Per-upstream authentication state.
 pub struct Auth {
-    /// `Authorization: Basic` for the configured credentials, if any.
-    pub basic: Option<HeaderValue>,
     tokens: moka::future::Cache<String, Token>,
     bearer: RwLock<Option<(String, Option<String>)>>,
 }
 
 impl Auth {
-    pub fn new(username: Option<&str>, password: Option<&str>) -> Arc<Auth> {
+    pub fn new() -> Arc<Auth> {
         Arc::new(Auth {
-            basic: username.map(|u| basic(u, password.unwrap_or(""))),
             tokens: moka::future::Cache::builder()
                 .max_capacity(10_000)
                 .expire_after(TokenExpiry)

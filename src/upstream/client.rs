@@ -19,6 +19,7 @@ use rustls_pki_types::pem::PemObject;
 use url::Url;
 
 use super::auth::{Auth, Challenge, TokenResponse, parse_challenge};
+use super::credentials::{Credentials, server_name};
 use super::guard::{BreakerState, Guard, GuardConfig, Outcome, Refusal};
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
@@ -47,6 +48,8 @@ pub enum UpstreamError {
     Token { realm: String, reason: String },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
     #[error("paused for {:?} more: upstream answered 429 Too Many Requests", .0)]
     RateLimited(Duration),
     #[error("circuit breaker open after repeated failures; next try in {:?}", .0)]
@@ -108,6 +111,7 @@ pub struct Upstream {
     preferred: AtomicUsize,
     client: HttpClient,
     auth: Arc<Auth>,
+    credentials: Credentials,
     pass_client_auth: bool,
     response_timeout: Duration,
     read_timeout: Duration,
@@ -157,13 +161,16 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
+        let server = urls.first().map(server_name).unwrap_or_default();
+        let credentials = Credentials::new(&server, cfg);
         metrics.set_breaker(name, BreakerState::Closed);
         Ok(Upstream {
             name: name.to_owned(),
             urls,
             preferred: AtomicUsize::new(0),
             client,
-            auth: Auth::new(cfg.username.as_deref(), cfg.password.as_deref()),
+            auth: Auth::new(),
+            credentials,
             pass_client_auth: cfg.pass_client_auth,
             response_timeout: cfg.response_timeout,
             read_timeout: cfg.read_timeout,
@@ -262,11 +269,42 @@ impl Upstream {
         &self,
         req: UpstreamRequest<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        if self.pass_client_auth {
+            return self.send_as(&req, None).await;
+        }
+        let creds = self.credentials(req.repo).await?;
+        let resp = self.send_as(&req, creds.as_ref()).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED && self.credentials.refresh(req.repo).await {
+            // Credentials from a helper or a file may have rotated: ask for them again, once.
+            tracing::info!(upstream = %self.name, repo = %req.repo, "credentials refused; fetching them again");
+            self.auth
+                .forget_token(&format!("repository:{}:pull", req.repo))
+                .await;
+            let creds = self.credentials(req.repo).await?;
+            return self.send_as(&req, creds.as_ref()).await;
+        }
+        Ok(resp)
+    }
+
+    async fn credentials(&self, repo: &RepoName) -> Result<Option<HeaderValue>, UpstreamError> {
+        self.credentials
+            .header(repo)
+            .await
+            .map_err(|e| UpstreamError::Credentials(e.to_string()))
+    }
+
+    /// One request with `creds` (Basic, for the token realm or a Basic challenge): a cached
+    /// token up front when there is one, else the 401 -> token -> retry dance, once.
+    async fn send_as(
+        &self,
+        req: &UpstreamRequest<'_>,
+        creds: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let scope = format!("repository:{}:pull", req.repo);
         let mut authz = if self.pass_client_auth {
             req.client_auth.cloned()
         } else {
-            self.authorization(&scope).await?
+            self.authorization(&scope, creds).await?
         };
         let mut path = format!("v2/{}/{}", req.repo, req.path);
         if let Some(q) = req.query {
@@ -298,9 +336,10 @@ impl Upstream {
                     self.auth.remember_bearer(&realm, service.as_deref());
                     self.auth.forget_token(&scope).await;
                     let asked = asked.unwrap_or_else(|| scope.clone());
-                    self.fetch_token(&realm, service.as_deref(), &asked).await?
+                    self.fetch_token(&realm, service.as_deref(), &asked, creds)
+                        .await?
                 }
-                Some(Challenge::Basic) => self.auth.basic.clone(),
+                Some(Challenge::Basic) => creds.cloned(),
                 None => None,
             };
             match next {
@@ -312,14 +351,20 @@ impl Upstream {
 
     /// The credentials to send up front: a cached token, a token fetched from the realm this
     /// upstream challenged with before, or Basic credentials.
-    async fn authorization(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
+    async fn authorization(
+        &self,
+        scope: &str,
+        creds: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
         if let Some(t) = self.auth.token(scope).await {
             return Ok(Some(t));
         }
         if let Some((realm, service)) = self.auth.known_bearer() {
-            return self.fetch_token(&realm, service.as_deref(), scope).await;
+            return self
+                .fetch_token(&realm, service.as_deref(), scope, creds)
+                .await;
         }
-        Ok(self.auth.basic.clone())
+        Ok(creds.cloned())
     }
 
     /// Gets a token from a Bearer realm (anonymously or with Basic credentials) and caches it.
@@ -329,6 +374,7 @@ impl Upstream {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        creds: Option<&HeaderValue>,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         let token_err = |reason: String| UpstreamError::Token {
             realm: realm.to_owned(),
@@ -349,7 +395,7 @@ impl Upstream {
                 .inc();
         };
         let resp = self
-            .exchange(&Method::GET, &url, None, self.auth.basic.as_ref())
+            .exchange(&Method::GET, &url, None, creds)
             .await
             .inspect_err(|_| count("error"))?;
         match resp.status() {

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod credentials;
 pub mod guard;
 
 pub use client::{Upstream, UpstreamError, UpstreamRequest};
