@@ -420,8 +420,12 @@ mod tests {
             r("x/y", Some("registry.corp.example:5443")),
             ("corp".into(), "x/y".into())
         );
-        // (d) aliases
+        // (d) aliases, also as Docker's mirror traffic names them
         assert_eq!(r("myapp", None), ("corp".into(), "team/myapp".into()));
+        assert_eq!(
+            r("library/myapp", None),
+            ("corp".into(), "team/myapp".into())
+        );
     }
 
     #[test]

@@ -53,6 +53,21 @@ impl Router {
         }
     }
 
+    /// The alias a name means: the name itself, or (as Docker's mirror traffic sends short
+    /// names) the default upstream's `library/` form of it.
+    fn alias<'a>(&'a self, name: &'a Name) -> Option<(&'a str, &'a (String, RepoName))> {
+        let n = name.as_str();
+        if let Some(a) = self.aliases.get(n) {
+            return Some((n, a));
+        }
+        let prefix = self.short_name_prefixes.get(&self.default_upstream)?;
+        let short = n.strip_prefix(prefix.as_str())?.strip_prefix('/')?;
+        if short.contains('/') {
+            return None;
+        }
+        self.aliases.get(short).map(|a| (short, a))
+    }
+
     pub fn route(&self, name: &Name, ns: Option<&str>) -> Result<Route> {
         let to = |up: &str, repo: &RepoName, why: String| -> Result<Route> {
             let repo = match self.short_name_prefixes.get(up) {
@@ -87,8 +102,8 @@ impl Router {
                 format!("containerd ns={ns} names upstream {up:?}"),
             );
         }
-        if let Some((up, repo)) = self.aliases.get(name.as_str()) {
-            return to(up, repo, format!("alias {:?}", name.as_str()));
+        if let Some((alias, (up, repo))) = self.alias(name) {
+            return to(up, repo, format!("alias {alias:?}"));
         }
         if let Some((registry, repo)) = name.registry() {
             let up = self.routes.get(registry).ok_or_else(|| unknown(registry))?;
