@@ -375,3 +375,42 @@ async fn tags_list_pagination_links_point_back_at_the_cache() {
     );
     assert!(up.requests().iter().all(|r| !r.path.contains("ns=")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_quirks_no_digest_header_generic_type_and_no_manifest_head() {
+    let up = FakeRegistry::start(Faults {
+        quirks: true,
+        ..Faults::default()
+    })
+    .await;
+    let v1 = Image::simple(20, 1);
+    up.add("library/app", "1", &v1);
+    let cache = Regcache::start(&up.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(1);
+    })
+    .await;
+
+    // No Docker-Content-Digest upstream: regcache computes it; the generic Content-Type is
+    // replaced by the manifest's own media type.
+    let resp = get_manifest(&cache.url(), "app", "1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        v1.digest().as_str()
+    );
+    assert_eq!(resp.headers()["content-type"], image::DOCKER_V2);
+    assert_eq!(pull(&cache.url(), "app", "1").await, v1.digest());
+
+    // Past the TTL, revalidation's HEAD gets 405: regcache falls back to GET and sees the move.
+    let v2 = Image::simple(21, 1);
+    up.add("library/app", "1", &v2);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let resp = get_manifest(&cache.url(), "app", "1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        v2.digest().as_str()
+    );
+    assert!(up.count("HEAD", "/manifests/1") >= 1);
+    assert_eq!(pull(&cache.url(), "app", "1").await, v2.digest());
+}

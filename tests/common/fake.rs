@@ -123,6 +123,9 @@ pub struct Faults {
     pub drip: Option<(usize, std::time::Duration)>,
     /// Docker Hub's rate-limit headers on every answer: (limit, remaining).
     pub ratelimit: Option<(u32, u32)>,
+    /// Registry quirks: manifests as `application/json` without `Docker-Content-Digest`, and
+    /// `HEAD` on manifests answered 405.
+    pub quirks: bool,
 }
 
 /// Requests the fake is busy with (handler running or body still being sent).
@@ -325,6 +328,9 @@ async fn serve(
             if head && let Some(d) = faults.stall_head {
                 tokio::time::sleep(d).await;
             }
+            if head && faults.quirks {
+                return respond(405, &[], "");
+            }
             let found = content
                 .lock()
                 .unwrap()
@@ -337,6 +343,9 @@ async fn serve(
             let digest = super::image::sha256(&bytes);
             if faults.corrupt && reference.starts_with("sha256:") {
                 bytes = corrupt(&bytes);
+            }
+            if faults.quirks {
+                return respond(200, &[("content-type", "application/json")], bytes);
             }
             respond(
                 200,
