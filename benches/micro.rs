@@ -67,6 +67,7 @@ fn digests(c: &mut Criterion) {
     let mut g = c.benchmark_group("digest_64MiB");
     g.throughput(Throughput::Bytes(LAYER as u64));
     g.sample_size(10);
+    g.measurement_time(Duration::from_secs(5));
     g.bench_function("Digest::of sha256", |b| {
         b.iter(|| Digest::of(Algorithm::Sha256, black_box(&bytes)))
     });
