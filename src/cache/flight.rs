@@ -269,6 +269,7 @@ impl Fills {
         }
         let temp = spec.store.temp(&spec.digest)?;
         let (tx, rx) = watch::channel(Progress::Connecting);
+        let tx = Arc::new(tx);
         let fill = Arc::new(Fill {
             file: Arc::clone(&temp.file),
             progress: rx,
@@ -304,11 +305,14 @@ impl Fills {
 
 /// Streams upstream's body into the temp file, hashing each byte once, then verifies and
 /// commits. Readers see progress through `tx`; the last byte only after verification.
+///
+/// Two stages run side by side: this task reads the body (and keeps reading), while a blocking
+/// writer hashes and writes what was read, at most [`PIPELINE_BATCHES`] batches behind.
 async fn run_fill<S>(
     spec: &FillSpec,
     temp: super::blobs::TempFile,
     source: S,
-    tx: &watch::Sender<Progress>,
+    tx: &Arc<watch::Sender<Progress>>,
 ) -> Result<u64, Error>
 where
     S: Future<Output = Result<Response<Incoming>, Error>>,
@@ -322,8 +326,6 @@ where
     let _ = tx.send(Progress::Streaming { readable: 0, size });
     // The parts carry the upstream slot (see `Upstream::send`): held until the last byte.
     let (_slot, mut body) = resp.into_parts();
-    let mut verifier = Some(Verifier::new(spec.digest.algorithm()));
-    let mut written: u64 = 0;
     let upstream_err = |source: crate::upstream::UpstreamError| {
         if let Some(reason) = source.reason() {
             spec.upstream.count_error(reason);
@@ -334,10 +336,18 @@ where
         }
     };
     let read_timeout = spec.upstream.read_timeout();
-    loop {
+
+    let (batches, writer) = start_writer(
+        Arc::clone(&temp.file),
+        spec.digest.algorithm(),
+        size,
+        Arc::clone(tx),
+    );
+    let mut received: u64 = 0;
+    let mut ended = false;
+    while !ended {
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_len = 0usize;
-        let mut ended = false;
         match tokio::time::timeout(read_timeout, body.frame()).await {
             Err(_) => {
                 return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
@@ -375,48 +385,32 @@ where
                 None => break,
             }
         }
-        if batch_len > 0 {
-            if size.is_some_and(|s| written + batch_len as u64 > s) {
-                return Err(upstream_err(crate::upstream::UpstreamError::Io(
-                    "body longer than its Content-Length".into(),
-                )));
-            }
-            let file = Arc::clone(&temp.file);
-            let mut v = verifier.take().expect("verifier");
-            let offset = written;
-            verifier = Some(
-                blocking(move || {
-                    let mut off = offset;
-                    for chunk in &batch {
-                        v.update(chunk);
-                        file.write_all_at(chunk, off)?;
-                        off += chunk.len() as u64;
-                    }
-                    Ok(v)
-                })
-                .await?,
-            );
-            written += batch_len as u64;
-            spec.upstream.count_fetched(batch_len as u64);
-            // Hold back the final byte (known size) or the latest batch (unknown size) until
-            // the digest is verified.
-            let readable = match size {
-                Some(s) => written.min(s.saturating_sub(1)),
-                None => written - batch_len as u64,
-            };
-            let _ = tx.send(Progress::Streaming { readable, size });
+        if batch_len == 0 {
+            continue;
         }
-        if ended {
+        received += batch_len as u64;
+        if size.is_some_and(|s| received > s) {
+            return Err(upstream_err(crate::upstream::UpstreamError::Io(
+                "body longer than its Content-Length".into(),
+            )));
+        }
+        spec.upstream.count_fetched(batch_len as u64);
+        if batches.send(batch).await.is_err() {
+            // The writer stopped: its error is the one to report.
             break;
         }
     }
+    drop(batches);
+    let (verifier, written) = writer
+        .await
+        .map_err(|e| Error::Storage(io::Error::other(e)))??;
     if size.is_some_and(|s| s != written) {
         return Err(upstream_err(crate::upstream::UpstreamError::Io(format!(
             "body ended after {written} of {} bytes",
             size.unwrap_or(0)
         ))));
     }
-    let actual = verifier.take().expect("verifier").finish();
+    let actual = verifier.finish();
     if actual != spec.digest {
         return Err(Error::DigestMismatch {
             upstream: spec.upstream.name.clone(),
@@ -429,6 +423,50 @@ where
     let digest = spec.digest.clone();
     blocking(move || store.commit(temp, &digest)).await?;
     Ok(written)
+}
+
+/// Batches the network side may run ahead of the writer (memory per fill: this many times
+/// [`WRITE_BATCH`]).
+const PIPELINE_BATCHES: usize = 4;
+
+type Writer = tokio::task::JoinHandle<io::Result<(Verifier, u64)>>;
+
+/// The blocking stage of a fill: hashes and writes each batch, then publishes how far readers
+/// may read (all but the final byte of a known size, all but the latest batch otherwise).
+fn start_writer(
+    file: Arc<File>,
+    algorithm: crate::oci::digest::Algorithm,
+    size: Option<u64>,
+    tx: Arc<watch::Sender<Progress>>,
+) -> (tokio::sync::mpsc::Sender<Vec<Bytes>>, Writer) {
+    let (batches, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(PIPELINE_BATCHES);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut verifier = Verifier::new(algorithm);
+        let mut written: u64 = 0;
+        while let Some(batch) = rx.blocking_recv() {
+            let mut batch_len = 0u64;
+            for chunk in &batch {
+                verifier.update(chunk);
+                file.write_all_at(chunk, written + batch_len)?;
+                batch_len += chunk.len() as u64;
+            }
+            written += batch_len;
+            let readable = match size {
+                Some(s) => written.min(s.saturating_sub(1)),
+                None => written - batch_len,
+            };
+            // Never over a failure the fill already reported.
+            tx.send_if_modified(|p| {
+                if matches!(p, Progress::Failed(_)) {
+                    return false;
+                }
+                *p = Progress::Streaming { readable, size };
+                true
+            });
+        }
+        Ok((verifier, written))
+    });
+    (batches, writer)
 }
 
 #[cfg(test)]
