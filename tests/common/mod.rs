@@ -6,6 +6,7 @@
 
 pub mod fake;
 pub mod image;
+pub mod token;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
