@@ -90,9 +90,11 @@ where
 pub enum Progress {
     /// Waiting for upstream's answer.
     Connecting,
-    /// Bytes `..readable` of the temp file may be served; `size` is upstream's Content-Length.
+    /// Bytes `..readable` may be served: from the fill's in-memory window, or from the temp
+    /// file below `on_disk`. `size` is upstream's Content-Length.
     Streaming {
         readable: u64,
+        on_disk: u64,
         size: Option<u64>,
     },
     /// Every byte is written and verified.
@@ -106,6 +108,42 @@ pub enum Progress {
 pub struct Fill {
     file: Arc<File>,
     progress: watch::Receiver<Progress>,
+    /// The latest received bytes, so readers that keep up take them from memory.
+    window: Arc<Window>,
+}
+
+/// How many of the most recently received bytes a fill keeps in memory for its readers: more
+/// than the writer may lag behind, so bytes not yet on disk are always in memory.
+const WINDOW_BYTES: usize = (PIPELINE_BATCHES + 2) * WRITE_BATCH;
+
+/// The tail of a fill's received bytes: `(offset, chunk)` in order, about [`WINDOW_BYTES`].
+#[derive(Default)]
+struct Window {
+    chunks: Mutex<std::collections::VecDeque<(u64, Bytes)>>,
+}
+
+impl Window {
+    fn push(&self, offset: u64, chunk: Bytes) {
+        let mut c = self.chunks.lock().expect("window");
+        c.push_back((offset, chunk));
+        let mut held: usize = c.iter().map(|(_, b)| b.len()).sum();
+        while held > WINDOW_BYTES && c.len() > 1 {
+            if let Some((_, b)) = c.pop_front() {
+                held -= b.len();
+            }
+        }
+    }
+
+    /// Bytes `pos..limit` (or a prefix of them) if they are still in memory.
+    fn get(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        let c = self.chunks.lock().expect("window");
+        let (off, chunk) = c
+            .iter()
+            .find(|(off, b)| *off <= pos && pos < off + b.len() as u64)?;
+        let start = (pos - off) as usize;
+        let end = ((limit - off) as usize).min(chunk.len());
+        Some(chunk.slice(start..end))
+    }
 }
 
 impl Fill {
@@ -135,6 +173,7 @@ impl Fill {
         Reader {
             file: Arc::clone(&self.file),
             progress: Some(self.progress.clone()),
+            window: Some(Arc::clone(&self.window)),
             pos: start,
             end,
             done: false,
@@ -152,6 +191,8 @@ pub struct Reader {
     file: Arc<File>,
     /// `None` for a committed file, which is complete.
     progress: Option<watch::Receiver<Progress>>,
+    /// A fill's in-memory tail, tried before the file.
+    window: Option<Arc<Window>>,
     pos: u64,
     end: Option<u64>,
     done: bool,
@@ -163,6 +204,7 @@ impl Reader {
         Reader {
             file,
             progress: None,
+            window: None,
             pos: start,
             end: Some(end),
             done: false,
@@ -176,12 +218,16 @@ impl Reader {
             return None;
         }
         loop {
-            let (readable, total) = match &mut self.progress {
-                None => (self.end.unwrap_or(0), self.end),
+            let (readable, on_disk, total) = match &mut self.progress {
+                None => (self.end.unwrap_or(0), self.end.unwrap_or(0), self.end),
                 Some(rx) => match &*rx.borrow_and_update() {
-                    Progress::Connecting => (0, None),
-                    Progress::Streaming { readable, size } => (*readable, *size),
-                    Progress::Done { size } => (*size, Some(*size)),
+                    Progress::Connecting => (0, 0, None),
+                    Progress::Streaming {
+                        readable,
+                        on_disk,
+                        size,
+                    } => (*readable, *on_disk, *size),
+                    Progress::Done { size } => (*size, *size, Some(*size)),
                     Progress::Failed(e) => {
                         self.done = true;
                         return Some(Err(io::Error::other(e.to_string())));
@@ -196,6 +242,15 @@ impl Reader {
                 self.done = true;
                 return None;
             }
+            if self.pos < readable {
+                let limit = end.map_or(readable, |e| e.min(readable));
+                if let Some(chunk) = self.window.as_ref().and_then(|w| w.get(self.pos, limit)) {
+                    self.pos += chunk.len() as u64;
+                    return Some(Ok(chunk));
+                }
+            }
+            // Behind the window: from the file, as far as it is written.
+            let readable = readable.min(on_disk);
             if self.pos < readable {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 let len = (limit - self.pos).min(READ_CHUNK) as usize;
@@ -273,13 +328,15 @@ impl Fills {
         let fill = Arc::new(Fill {
             file: Arc::clone(&temp.file),
             progress: rx,
+            window: Arc::default(),
         });
         map.insert(key.clone(), Arc::clone(&fill));
         let fills = Arc::clone(self);
+        let window = Arc::clone(&fill.window);
         tokio::spawn(async move {
             spec.metrics.fills_in_flight.inc();
             let started = std::time::Instant::now();
-            let result = run_fill(&spec, temp, source, &tx).await;
+            let result = run_fill(&spec, temp, source, &tx, &window).await;
             match result {
                 Ok(size) => {
                     spec.metrics
@@ -313,6 +370,7 @@ async fn run_fill<S>(
     temp: super::blobs::TempFile,
     source: S,
     tx: &Arc<watch::Sender<Progress>>,
+    window: &Arc<Window>,
 ) -> Result<u64, Error>
 where
     S: Future<Output = Result<Response<Incoming>, Error>>,
@@ -323,7 +381,11 @@ where
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let _ = tx.send(Progress::Streaming { readable: 0, size });
+    let _ = tx.send(Progress::Streaming {
+        readable: 0,
+        on_disk: 0,
+        size,
+    });
     // The parts carry the upstream slot (see `Upstream::send`): held until the last byte.
     let (_slot, mut body) = resp.into_parts();
     let upstream_err = |source: crate::upstream::UpstreamError| {
@@ -340,7 +402,6 @@ where
     let (batches, writer) = start_writer(
         Arc::clone(&temp.file),
         spec.digest.algorithm(),
-        size,
         Arc::clone(tx),
     );
     let mut received: u64 = 0;
@@ -395,6 +456,23 @@ where
             )));
         }
         spec.upstream.count_fetched(batch_len as u64);
+        // Readers take the new bytes from memory at once, while the writer hashes and writes
+        // them on the other core. The final byte (or, size unknown, this batch) waits for the
+        // digest check.
+        let mut offset = received - batch_len as u64;
+        for chunk in &batch {
+            window.push(offset, chunk.clone());
+            offset += chunk.len() as u64;
+        }
+        let readable = match size {
+            Some(s) => received.min(s.saturating_sub(1)),
+            None => received - batch_len as u64,
+        };
+        publish(tx, |p| {
+            if let Progress::Streaming { readable: r, .. } = p {
+                *r = readable;
+            }
+        });
         if batches.send(batch).await.is_err() {
             // The writer stopped: its error is the one to report.
             break;
@@ -431,12 +509,22 @@ const PIPELINE_BATCHES: usize = 4;
 
 type Writer = tokio::task::JoinHandle<io::Result<(Verifier, u64)>>;
 
-/// The blocking stage of a fill: hashes and writes each batch, then publishes how far readers
-/// may read (all but the final byte of a known size, all but the latest batch otherwise).
+/// Updates a fill's progress, never over a failure already reported.
+fn publish(tx: &watch::Sender<Progress>, change: impl FnOnce(&mut Progress)) {
+    tx.send_if_modified(|p| {
+        if matches!(p, Progress::Failed(_)) {
+            return false;
+        }
+        change(p);
+        true
+    });
+}
+
+/// The blocking stage of a fill: hashes and writes each batch, then publishes how much of the
+/// file is written.
 fn start_writer(
     file: Arc<File>,
     algorithm: crate::oci::digest::Algorithm,
-    size: Option<u64>,
     tx: Arc<watch::Sender<Progress>>,
 ) -> (tokio::sync::mpsc::Sender<Vec<Bytes>>, Writer) {
     let (batches, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(PIPELINE_BATCHES);
@@ -444,24 +532,15 @@ fn start_writer(
         let mut verifier = Verifier::new(algorithm);
         let mut written: u64 = 0;
         while let Some(batch) = rx.blocking_recv() {
-            let mut batch_len = 0u64;
             for chunk in &batch {
                 verifier.update(chunk);
-                file.write_all_at(chunk, written + batch_len)?;
-                batch_len += chunk.len() as u64;
+                file.write_all_at(chunk, written)?;
+                written += chunk.len() as u64;
             }
-            written += batch_len;
-            let readable = match size {
-                Some(s) => written.min(s.saturating_sub(1)),
-                None => written - batch_len,
-            };
-            // Never over a failure the fill already reported.
-            tx.send_if_modified(|p| {
-                if matches!(p, Progress::Failed(_)) {
-                    return false;
+            publish(&tx, |p| {
+                if let Progress::Streaming { on_disk, .. } = p {
+                    *on_disk = written;
                 }
-                *p = Progress::Streaming { readable, size };
-                true
             });
         }
         Ok((verifier, written))
