@@ -96,6 +96,13 @@ async fn token_auth_with_configured_credentials_and_no_client_credentials_upstre
         !upstream_saw(&up, "client-secret"),
         "the client's Authorization never goes upstream"
     );
+    assert!(
+        up.requests()
+            .iter()
+            .filter(|r| !r.path.starts_with("/token"))
+            .all(|r| r.authorization.as_deref() != Some(basic)),
+        "the password goes to the token realm only, never to the registry"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -146,6 +146,8 @@ impl moka::Expiry<String, Token> for TokenExpiry {
 pub struct Auth {
     tokens: moka::future::Cache<String, Token>,
     bearer: RwLock<Option<(String, Option<String>)>>,
+    /// The upstream challenged with Basic: credentials may go up front.
+    basic_seen: std::sync::atomic::AtomicBool,
 }
 
 impl Auth {
@@ -156,6 +158,7 @@ impl Auth {
                 .expire_after(TokenExpiry)
                 .build(),
             bearer: RwLock::new(None),
+            basic_seen: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -175,6 +178,17 @@ impl Auth {
     /// Remembers the Bearer realm and service an upstream asked for.
     pub fn remember_bearer(&self, realm: &str, service: Option<&str>) {
         *self.bearer.write().expect("lock") = Some((realm.to_owned(), service.map(str::to_owned)));
+    }
+
+    /// Remembers that the upstream asked for Basic credentials.
+    pub fn remember_basic(&self) {
+        self.basic_seen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the upstream has asked for Basic credentials before.
+    pub fn wants_basic(&self) -> bool {
+        self.basic_seen.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The last Bearer realm and service seen, to fetch a token before the first request.

@@ -339,7 +339,10 @@ impl Upstream {
                     self.fetch_token(&realm, service.as_deref(), &asked, creds)
                         .await?
                 }
-                Some(Challenge::Basic) => creds.cloned(),
+                Some(Challenge::Basic) => {
+                    self.auth.remember_basic();
+                    creds.cloned()
+                }
                 None => None,
             };
             match next {
@@ -350,7 +353,7 @@ impl Upstream {
     }
 
     /// The credentials to send up front: a cached token, a token fetched from the realm this
-    /// upstream challenged with before, or Basic credentials.
+    /// upstream challenged with before, or Basic credentials once it asked for them.
     async fn authorization(
         &self,
         scope: &str,
@@ -364,7 +367,9 @@ impl Upstream {
                 .fetch_token(&realm, service.as_deref(), scope, creds)
                 .await;
         }
-        Ok(creds.cloned())
+        // A password goes only where the upstream asked for one: never up front to a registry
+        // whose scheme is not known yet (it may want a token from another service).
+        Ok(creds.filter(|_| self.auth.wants_basic()).cloned())
     }
 
     /// Gets a token from a Bearer realm (anonymously or with Basic credentials) and caches it.
