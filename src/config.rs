@@ -23,6 +23,7 @@ pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_REVALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_TAGS_LIST_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,6 +94,12 @@ pub struct CacheConfig {
     /// How long a `tags/list` answer is reused.
     #[serde(default = "d_tags_list_ttl", with = "humantime_serde")]
     pub tags_list_ttl: Duration,
+    /// How long an upstream's "no such tag" (404) is remembered; "0s" turns it off.
+    #[serde(default = "d_negative_ttl", with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Answer from the cache only, never contacting any upstream (tags at any age).
+    #[serde(default)]
+    pub offline: bool,
     /// Memory for hot manifests, in bytes or with a unit ("64MiB").
     #[serde(default = "d_manifest_memory", deserialize_with = "de_size")]
     pub manifest_memory: u64,
@@ -182,6 +189,9 @@ fn d_max_stale() -> Duration {
 fn d_revalidate_timeout() -> Duration {
     DEFAULT_REVALIDATE_TIMEOUT
 }
+fn d_negative_ttl() -> Duration {
+    DEFAULT_NEGATIVE_TTL
+}
 fn d_tags_list_ttl() -> Duration {
     DEFAULT_TAGS_LIST_TTL
 }
@@ -226,6 +236,8 @@ impl Default for CacheConfig {
             max_stale: DEFAULT_MAX_STALE,
             revalidate_timeout: DEFAULT_REVALIDATE_TIMEOUT,
             tags_list_ttl: DEFAULT_TAGS_LIST_TTL,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            offline: false,
             manifest_memory: DEFAULT_MANIFEST_MEMORY,
         }
     }

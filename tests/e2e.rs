@@ -936,3 +936,24 @@ async fn containerd_ns_parameter_routes_to_the_named_upstream() {
     assert_eq!(containerd.image_digest(reference).await, index.digest());
     assert_eq!(meter.total(), 0, "second pull: nothing upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_pulls_a_cached_image_again_while_the_upstream_is_down() {
+    let mut s = setup(|c| c.cache.tag_ttl = Duration::from_millis(1)).await;
+    let img = Image::simple(410, 2);
+    s.registry.push("library/rcdown", "1", &img).await;
+    let docker = Dockerd::start(&s.cache.url()).await;
+    let config_digest = image::sha256(&img.config);
+    docker.run(&["pull", "rcdown:1"]).await;
+    docker.run(&["rmi", "rcdown:1"]).await;
+
+    // Upstream gone; the tag's TTL long past: regcache answers from disk, stale.
+    s.registry.stop();
+    s.meter.reset();
+    docker.run(&["pull", "rcdown:1"]).await;
+    assert_eq!(
+        docker.inspect("rcdown:1").await["Id"],
+        config_digest.as_str()
+    );
+    assert_eq!(s.meter.blob_gets(), 0, "every blob from regcache's disk");
+}

@@ -61,6 +61,15 @@ impl Proxy {
         if let Some(fill) = self.fills.get(up, digest) {
             return joined(fill, CacheResult::Coalesced).await;
         }
+        if self.config.cache.offline {
+            // Content is content: in offline mode any upstream's copy will do.
+            if let Some((file, size)) = self.store.open_blob(digest).await? {
+                return Ok(hit(file, size));
+            }
+            return Err(Error::BlobUnknown(format!(
+                "{digest} is not cached and regcache is offline"
+            )));
+        }
         if self.store.contains(digest).await {
             // Fetched through another upstream: serve it once this upstream confirms it has it.
             if let Some(size) = self.upstream_head(t, digest, client).await?

@@ -43,9 +43,46 @@ impl Proxy {
                 if let Some(m) = self.known_manifest(&t.upstream.name, d).await? {
                     return Ok((m, CacheResult::Hit));
                 }
+                if self.config.cache.offline {
+                    return Err(offline_miss(t, reference));
+                }
                 self.fetch(t, reference, UPSTREAM_ACCEPT, client).await
             }
-            Reference::Tag(tag) => self.tagged_manifest(t, tag, client).await,
+            Reference::Tag(tag) => {
+                if self.config.cache.offline {
+                    return self.offline_tag(t, tag).await;
+                }
+                let key = (t.upstream.name.clone(), t.repo.clone(), tag.to_string());
+                if self.missing_tags.contains_key(&key) {
+                    return Err(Error::ManifestUnknown(format!(
+                        "{}:{tag} (upstream said so less than {:?} ago)",
+                        t.repo, self.config.cache.negative_ttl
+                    )));
+                }
+                let result = self.tagged_manifest(t, tag, client).await;
+                if let Err(e) = &result
+                    && matches!(e.root(), Error::ManifestUnknown(_))
+                {
+                    self.missing_tags.insert(key, ());
+                }
+                result
+            }
+        }
+    }
+
+    /// A tag from the cache alone, however old.
+    async fn offline_tag(&self, t: &Target, tag: &Tag) -> Result<(Arc<Manifest>, CacheResult)> {
+        let reference = Reference::Tag(tag.clone());
+        let Some(digest) = self
+            .index
+            .tag(&t.upstream.name, &t.repo, tag)?
+            .and_then(|e| e.digest())
+        else {
+            return Err(offline_miss(t, &reference));
+        };
+        match self.load_manifest(&t.upstream.name, &digest).await? {
+            Some(m) => Ok((m, CacheResult::Hit)),
+            None => Err(offline_miss(t, &reference)),
         }
     }
 
@@ -406,4 +443,12 @@ fn serves_stale(e: &Error) -> bool {
         Error::UpstreamStatus { status, .. } => status.is_server_error(),
         _ => false,
     }
+}
+
+/// What a client hears about uncached content while regcache is offline.
+fn offline_miss(t: &Target, reference: &Reference) -> Error {
+    Error::ManifestUnknown(format!(
+        "{}:{reference} is not cached and regcache is offline",
+        t.repo
+    ))
 }

@@ -112,6 +112,8 @@ pub struct Proxy {
     index: Index,
     hot_manifests: moka::sync::Cache<crate::oci::digest::Digest, Arc<Manifest>>,
     tags_lists: moka::future::Cache<TagsKey, Arc<TagsList>>,
+    /// Tags upstream recently said it does not have.
+    missing_tags: moka::sync::Cache<TagsKey, ()>,
     manifest_flights: Arc<ManifestFlights>,
     revalidations: Arc<Group<ManifestKey, Result<manifests::Revalidation, Arc<Error>>>>,
     fills: Arc<Fills>,
@@ -160,6 +162,19 @@ impl Proxy {
             .max_capacity(10_000)
             .time_to_live(config.cache.tags_list_ttl)
             .build();
+        let missing_tags = moka::sync::Cache::builder()
+            .max_capacity(if config.cache.negative_ttl.is_zero() {
+                0
+            } else {
+                100_000
+            })
+            .time_to_live(
+                config
+                    .cache
+                    .negative_ttl
+                    .max(std::time::Duration::from_millis(1)),
+            )
+            .build();
         Ok(Arc::new(Proxy {
             config,
             upstreams,
@@ -168,6 +183,7 @@ impl Proxy {
             index,
             hot_manifests,
             tags_lists,
+            missing_tags,
             manifest_flights: Arc::default(),
             revalidations: Arc::default(),
             fills: Arc::default(),
@@ -242,6 +258,12 @@ impl Proxy {
         );
         if let Some(hit) = self.tags_lists.get(&key).await {
             return Ok((hit, CacheResult::Hit));
+        }
+        if self.config.cache.offline {
+            return Err(Error::NameUnknown(format!(
+                "tags of {} are not cached and regcache is offline",
+                t.repo
+            )));
         }
         let resp = send(
             t,
