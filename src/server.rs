@@ -127,11 +127,18 @@ impl Server {
         drop(listener);
         let _ = stop_metrics.send(true);
         tracing::info!("shutting down; waiting for in-flight requests");
+        let started = tokio::time::Instant::now();
         if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("grace period over; closing remaining connections");
+        }
+        if !proxy
+            .drain(SHUTDOWN_GRACE.saturating_sub(started.elapsed()))
+            .await
+        {
+            tracing::warn!("grace period over; blob fills still running are abandoned");
         }
         if let Err(e) = proxy.flush() {
             tracing::error!(error = %e, "flushing the index failed");
@@ -188,12 +195,18 @@ async fn serve_metrics(
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
+        let mut stop = stopped.clone();
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            // A scraper's keep-alive connection must not outlive the server (it holds the
+            // proxy, and with it the index).
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.changed() => {}
+            }
         });
     }
 }

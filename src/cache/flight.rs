@@ -296,6 +296,15 @@ pub struct Fills {
 }
 
 impl Fills {
+    /// How many fills are running.
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("fill map").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The fill in flight for this blob, if any.
     pub fn get(&self, upstream: &str, digest: &Digest) -> Option<Arc<Fill>> {
         self.map

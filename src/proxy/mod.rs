@@ -228,6 +228,22 @@ impl Proxy {
             .map_err(|e| format!("data dir: {e}"))
     }
 
+    /// Waits (up to `deadline`) for background work to end: blob fills committing, and
+    /// revalidations finishing. Each holds the index; a restart on the same data dir needs it.
+    pub async fn drain(self: &Arc<Self>, deadline: std::time::Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            // Only our own reference left: no task holds the proxy, no fill is running.
+            if self.fills.is_empty() && Arc::strong_count(self) == 1 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Writes the index out (at shutdown).
     pub fn flush(&self) -> Result<()> {
         Ok(self.index.flush()?)
