@@ -31,6 +31,15 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Re-hash every cached object against its digest and check the index against the files
+    /// (on a stopped cache's data dir). Exits non-zero if problems remain.
+    Verify {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Remove corrupt and stray files and drop index entries without a file.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Show where an image reference goes: upstream, URL, repository, reference, and why.
     Resolve {
         /// Config file (TOML); without it the embedded default is used.
@@ -61,6 +70,29 @@ struct ServeArgs {
     upstreams: Vec<(String, String)>,
 }
 
+/// Which data dir an offline command works on.
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Config file (TOML) naming the data dir; without it the embedded default is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The data dir (overrides the config).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    fn data_dir(&self) -> anyhow::Result<PathBuf> {
+        if let Some(d) = &self.data_dir {
+            return Ok(d.clone());
+        }
+        Ok(match &self.config {
+            Some(path) => Config::load(path)?.data_dir,
+            None => Config::embedded().data_dir,
+        })
+    }
+}
+
 fn parse_upstream(s: &str) -> Result<(String, String), String> {
     let (name, url) = s
         .split_once('=')
@@ -88,6 +120,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 file.display(),
                 config.upstreams.len(),
                 config.default_upstream
+            );
+            Ok(())
+        }
+        Command::Verify { data, repair } => {
+            let dir = data.data_dir()?;
+            anyhow::ensure!(
+                dir.join("blobs").is_dir(),
+                "{} is not a regcache data dir (no blobs/ in it)",
+                dir.display()
+            );
+            let (store, index) = regcache::cache::open_offline(&dir)?;
+            let report = regcache::cache::verify::verify(&store, &index, repair)
+                .with_context(|| format!("verifying {}", dir.display()))?;
+            print!("{report}");
+            anyhow::ensure!(
+                report.repaired || report.is_clean(),
+                "problems found; run again with --repair to remove them"
             );
             Ok(())
         }

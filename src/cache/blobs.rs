@@ -100,6 +100,11 @@ impl Store {
         )
     }
 
+    /// The directory of committed content.
+    pub fn blobs_dir(&self) -> &Path {
+        &self.inner.blobs
+    }
+
     /// Where the content of `digest` lives once committed.
     pub fn path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();

@@ -133,6 +133,39 @@ impl Index {
         Ok(())
     }
 
+    /// Every (upstream, digest) with a blob or manifest entry.
+    pub fn entries(&self) -> sled::Result<Vec<(String, Digest)>> {
+        let mut out = Vec::new();
+        for tree in [&self.blobs, &self.manifests] {
+            for kv in tree.iter() {
+                let (k, _) = kv?;
+                let k = String::from_utf8_lossy(&k);
+                if let Some((up, d)) = k.split_once('\0')
+                    && let Ok(d) = d.parse()
+                {
+                    out.push((up.to_owned(), d));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops one upstream's blob and manifest entries for a digest.
+    pub fn forget_for(&self, upstream: &str, digest: &Digest) -> sled::Result<()> {
+        self.remove_blob(upstream, digest)?;
+        self.remove_manifest(upstream, digest)
+    }
+
+    /// Drops every upstream's entries for a digest (its file is gone or bad).
+    pub fn forget(&self, digest: &Digest) -> sled::Result<()> {
+        for (up, d) in self.entries()? {
+            if &d == digest {
+                self.forget_for(&up, &d)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the index answers a read.
     pub fn check(&self) -> sled::Result<()> {
         self.tags.first().map(|_| ())
@@ -140,6 +173,7 @@ impl Index {
 
     /// Writes everything to disk (at shutdown).
     pub fn flush(&self) -> sled::Result<()> {
+        // One flush writes the whole database, every tree included.
         self.tags.flush()?;
         Ok(())
     }

@@ -142,6 +142,26 @@ impl Proxy {
             source,
         })?;
         let index = Index::open(&data.join("index"))?;
+        // After a crash the index may name files that never made it to disk: drop those
+        // entries (in the background; until then a missing file is dropped when asked for).
+        {
+            let (store, index) = (store.clone(), index.clone());
+            std::thread::Builder::new()
+                .name("regcache-reconcile".into())
+                .spawn(
+                    move || match crate::cache::verify::drop_dangling(&store, &index, true) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(entries = n, "dropped index entries without a file")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reconciling the index failed"),
+                    },
+                )
+                .map_err(|source| StartError::DataDir {
+                    path: data.clone(),
+                    source,
+                })?;
+        }
         let metrics = Arc::new(Metrics::new());
         let mut upstreams = HashMap::new();
         for (name, cfg) in &config.upstreams {

@@ -1,0 +1,197 @@
+//! Checking a data dir: every committed file re-hashed against the digest its path names, and
+//! the index reconciled with the files (`regcache verify`, and the cheap half at start-up).
+
+use std::fs::{self, File};
+use std::io::{self, Read as _};
+use std::path::{Path, PathBuf};
+
+use super::blobs::Store;
+use super::index::Index;
+use crate::oci::digest::{Algorithm, Digest, Verifier};
+
+/// What a verification found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Files hashed, and their bytes.
+    pub checked: u64,
+    pub bytes: u64,
+    /// Files whose bytes do not match their digest.
+    pub corrupt: Vec<PathBuf>,
+    /// Files under `blobs/` whose path names no digest.
+    pub strays: Vec<PathBuf>,
+    /// Index entries whose file is missing.
+    pub dangling: u64,
+    /// Whether the problems were repaired (files removed, entries dropped).
+    pub repaired: bool,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.strays.is_empty() && self.dangling == 0
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "checked {} objects ({} bytes): {} corrupt, {} stray files, {} index entries without a file",
+            self.checked,
+            self.bytes,
+            self.corrupt.len(),
+            self.strays.len(),
+            self.dangling
+        )?;
+        let verb = if self.repaired { "removed" } else { "found" };
+        for p in &self.corrupt {
+            writeln!(f, "corrupt ({verb}): {}", p.display())?;
+        }
+        for p in &self.strays {
+            writeln!(f, "stray ({verb}): {}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// The digest a committed file's path names: `blobs/<algorithm>/<2 hex>/<hex>`.
+fn digest_of_path(blobs: &Path, path: &Path) -> Option<Digest> {
+    let rel = path.strip_prefix(blobs).ok()?;
+    let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+    let [alg, shard, hex] = parts.as_slice() else {
+        return None;
+    };
+    let d: Digest = format!("{alg}:{hex}").parse().ok()?;
+    (hex.starts_with(shard) && shard.len() == 2).then_some(d)
+}
+
+fn files_below(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            files_below(&e.path(), out)?;
+        } else {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u64)> {
+    let mut f = File::open(path)?;
+    let mut v = Verifier::new(algorithm);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            return Ok((v.finish(), n));
+        }
+        v.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+/// Re-hashes every committed file and checks the index against the files (blocking). With
+/// `repair`, corrupt and stray files are removed and their index entries dropped.
+pub fn verify(store: &Store, index: &Index, repair: bool) -> io::Result<Report> {
+    let mut report = Report {
+        repaired: repair,
+        ..Report::default()
+    };
+    let blobs = store.blobs_dir();
+    let mut files = Vec::new();
+    files_below(blobs, &mut files)?;
+    files.sort();
+    for path in files {
+        let Some(digest) = digest_of_path(blobs, &path) else {
+            if repair {
+                fs::remove_file(&path)?;
+            }
+            report.strays.push(path);
+            continue;
+        };
+        let (actual, size) = hash_file(&path, digest.algorithm())?;
+        report.checked += 1;
+        report.bytes += size;
+        if actual != digest {
+            if repair {
+                fs::remove_file(&path)?;
+                index.forget(&digest).map_err(io::Error::other)?;
+            }
+            report.corrupt.push(path);
+        }
+    }
+    report.dangling = drop_dangling(store, index, repair)?;
+    if repair {
+        index.flush().map_err(io::Error::other)?;
+    }
+    Ok(report)
+}
+
+/// Index entries (blobs and manifests) whose file is gone; dropped when `remove`.
+pub fn drop_dangling(store: &Store, index: &Index, remove: bool) -> io::Result<u64> {
+    let mut n = 0;
+    for (upstream, digest) in index.entries().map_err(io::Error::other)? {
+        if !store.path(&digest).exists() {
+            n += 1;
+            if remove {
+                index
+                    .forget_for(&upstream, &digest)
+                    .map_err(io::Error::other)?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn finds_and_repairs_corrupt_files_strays_and_dangling_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::open(&dir.path().join("index")).unwrap();
+        let good = Bytes::from_static(b"good content");
+        let bad = Bytes::from_static(b"will be damaged");
+        let (dg, db) = (Digest::sha256_of(&good), Digest::sha256_of(&bad));
+        store.write_small(&dg, good.clone()).await.unwrap();
+        store.write_small(&db, bad.clone()).await.unwrap();
+        index.put_blob("docker.io", &dg, good.len() as u64).unwrap();
+        index.put_blob("docker.io", &db, bad.len() as u64).unwrap();
+        index.put_blob("ghcr", &db, bad.len() as u64).unwrap();
+        let gone = Digest::sha256_of(b"never written");
+        index.put_blob("docker.io", &gone, 1).unwrap();
+        fs::write(store.path(&db), b"damaged bytes!!").unwrap();
+        fs::write(store.blobs_dir().join("sha256").join("stray"), b"x").unwrap();
+
+        let r = verify(&store, &index, false).unwrap();
+        assert_eq!(r.checked, 2);
+        assert_eq!(r.corrupt, vec![store.path(&db)]);
+        assert_eq!(r.strays.len(), 1);
+        assert_eq!(r.dangling, 1);
+        assert!(!r.is_clean());
+        assert!(store.path(&db).exists(), "a dry run removes nothing");
+
+        let r = verify(&store, &index, true).unwrap();
+        assert_eq!(r.corrupt.len(), 1);
+        assert!(!store.path(&db).exists());
+        assert_eq!(
+            index.blob("ghcr", &db).unwrap(),
+            None,
+            "every upstream's entry"
+        );
+        assert_eq!(index.blob("docker.io", &gone).unwrap(), None);
+        assert_eq!(
+            index.blob("docker.io", &dg).unwrap(),
+            Some(good.len() as u64)
+        );
+
+        let r = verify(&store, &index, false).unwrap();
+        assert!(r.is_clean(), "{r}");
+        assert_eq!(r.checked, 1);
+    }
+}
