@@ -24,6 +24,7 @@ pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_REVALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_TAGS_LIST_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,6 +104,21 @@ pub struct CacheConfig {
     /// Memory for hot manifests, in bytes or with a unit ("64MiB").
     #[serde(default = "d_manifest_memory", deserialize_with = "de_size")]
     pub manifest_memory: u64,
+    /// Cap on cached content ("200GiB"); 0 means no cap. Least recently used blobs go first.
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_size: u64,
+    /// Evict until this much of the data dir's file system is free ("10GiB"); 0: no floor.
+    #[serde(default, deserialize_with = "de_size")]
+    pub min_free_disk: u64,
+    /// Content not used for this long is removed whatever the size (unset: kept).
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Images never evicted: manifest, config, layers, every platform of an index.
+    #[serde(default)]
+    pub pin: Vec<String>,
+    /// How often the size cap and ages are checked.
+    #[serde(default = "d_gc_interval", with = "humantime_serde")]
+    pub gc_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +146,9 @@ pub struct UpstreamConfig {
     /// Other credentials for repositories under a prefix; the longest matching prefix wins.
     #[serde(default)]
     pub credentials: Vec<RepoCredentials>,
+    /// Remove this upstream's content not used for this long (overrides `cache.max_age`).
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
     /// Forward a client's own `Authorization` upstream instead of regcache's credentials.
     #[serde(default)]
     pub pass_client_auth: bool,
@@ -189,6 +208,9 @@ fn d_max_stale() -> Duration {
 fn d_revalidate_timeout() -> Duration {
     DEFAULT_REVALIDATE_TIMEOUT
 }
+fn d_gc_interval() -> Duration {
+    DEFAULT_GC_INTERVAL
+}
 fn d_negative_ttl() -> Duration {
     DEFAULT_NEGATIVE_TTL
 }
@@ -238,6 +260,11 @@ impl Default for CacheConfig {
             tags_list_ttl: DEFAULT_TAGS_LIST_TTL,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             offline: false,
+            max_size: 0,
+            min_free_disk: 0,
+            max_age: None,
+            pin: Vec::new(),
+            gc_interval: DEFAULT_GC_INTERVAL,
             manifest_memory: DEFAULT_MANIFEST_MEMORY,
         }
     }
@@ -257,6 +284,7 @@ impl UpstreamConfig {
             docker_config: None,
             credential_ttl: DEFAULT_CREDENTIAL_TTL,
             credentials: Vec::new(),
+            max_age: None,
             pass_client_auth: false,
             ca_file: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -388,6 +416,11 @@ impl Config {
             p.push(format!("log.level: {e}"));
         }
         let c = &self.cache;
+        for (i, pin) in c.pin.iter().enumerate() {
+            if let Err(e) = pin.parse::<crate::oci::image_ref::ImageRef>() {
+                p.push(format!("cache.pin[{i}]: {pin:?}: {e}"));
+            }
+        }
         for (key, d) in [
             ("tag_ttl", c.tag_ttl),
             ("revalidate_timeout", c.revalidate_timeout),

@@ -40,6 +40,18 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Evict now, as the running cache would: by `max_size`, `min_free_disk` and `max_age`
+    /// (on a stopped cache's data dir); prints what went and what was freed.
+    Gc {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Only print what would go.
+        #[arg(long)]
+        dry_run: bool,
+        /// Cap to evict to (overrides cache.max_size), e.g. 200GiB.
+        #[arg(long, value_parser = parse_size_arg)]
+        max_size: Option<u64>,
+    },
     /// Show where an image reference goes: upstream, URL, repository, reference, and why.
     Resolve {
         /// Config file (TOML); without it the embedded default is used.
@@ -82,15 +94,26 @@ struct DataArgs {
 }
 
 impl DataArgs {
-    fn data_dir(&self) -> anyhow::Result<PathBuf> {
+    /// The config with the data dir override applied.
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::embedded(),
+        };
         if let Some(d) = &self.data_dir {
-            return Ok(d.clone());
+            config.data_dir = d.clone();
         }
-        Ok(match &self.config {
-            Some(path) => Config::load(path)?.data_dir,
-            None => Config::embedded().data_dir,
-        })
+        anyhow::ensure!(
+            config.data_dir.join("blobs").is_dir(),
+            "{} is not a regcache data dir (no blobs/ in it)",
+            config.data_dir.display()
+        );
+        Ok(config)
     }
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    regcache::config::parse_size(s)
 }
 
 fn parse_upstream(s: &str) -> Result<(String, String), String> {
@@ -123,13 +146,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Verify { data, repair } => {
-            let dir = data.data_dir()?;
+        Command::Gc {
+            data,
+            dry_run,
+            max_size,
+        } => {
+            use regcache::cache::lifecycle;
+            let mut config = data.config()?;
+            if let Some(m) = max_size {
+                config.cache.max_size = m;
+            }
+            let (store, index) = regcache::cache::open_offline(&config.data_dir)?;
+            let policy = lifecycle::Policy::from_config(&config);
             anyhow::ensure!(
-                dir.join("blobs").is_dir(),
-                "{} is not a regcache data dir (no blobs/ in it)",
-                dir.display()
+                policy.is_active(),
+                "nothing bounds the cache: set cache.max_size, min_free_disk or max_age, or pass --max-size"
             );
+            let pinned = lifecycle::pinned(&config, &store, &index);
+            let free = rustix::fs::statvfs(&config.data_dir)
+                .ok()
+                .map(|f| f.f_bavail.saturating_mul(f.f_frsize));
+            let plan = lifecycle::plan(
+                &store,
+                &index,
+                &policy,
+                &pinned,
+                free,
+                std::time::SystemTime::now(),
+            )?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for v in &plan.victims {
+                println!("{verb} {} ({} bytes, {})", v.digest, v.size, v.reason);
+            }
+            if !dry_run {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(lifecycle::execute(&plan, &store, &index))?;
+                index.flush()?;
+            }
+            println!(
+                "{verb} {} objects, {} of {} bytes; {} pinned objects kept",
+                plan.victims.len(),
+                plan.freed,
+                plan.usage_before,
+                pinned.len()
+            );
+            Ok(())
+        }
+        Command::Verify { data, repair } => {
+            let dir = data.config()?.data_dir;
             let (store, index) = regcache::cache::open_offline(&dir)?;
             let report = regcache::cache::verify::verify(&store, &index, repair)
                 .with_context(|| format!("verifying {}", dir.display()))?;

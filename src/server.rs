@@ -45,6 +45,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let addr = config.listen;
         let proxy = Proxy::new(Arc::new(config))?;
+        proxy.start_lifecycle();
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Bind { addr, source })?;

@@ -86,3 +86,148 @@ async fn offline_mode_serves_what_an_online_run_cached_and_never_calls_upstream(
     assert_eq!(error_code(resp).await, (404, "BLOB_UNKNOWN".into()));
     assert_eq!(meter.total(), 0, "offline never contacts upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_the_cache_under_its_cap_in_lru_order_and_spares_pins() {
+    let registry = Registry::start().await;
+    let meter = Meter::start(registry.addr).await;
+    let layer = |seed| common::image::Layer::new(seed, 1 << 20);
+    let image = |seed| Image::new(common::image::DOCKER_V2, "amd64", vec![layer(seed)]);
+    let pinned = image(60);
+    registry.push("library/pinned", "1", &pinned).await;
+    let images: Vec<Image> = (61..67).map(image).collect();
+    for (i, img) in images.iter().enumerate() {
+        registry.push(&format!("library/app{i}"), "1", img).await;
+    }
+    let cap: u64 = 3 * (1 << 20) + (1 << 19); // room for about 3 images
+    let cache = Regcache::start(&meter.url(), |c| {
+        c.cache.max_size = cap;
+        c.cache.gc_interval = Duration::from_millis(100);
+        c.cache.pin = vec!["pinned:1".into()];
+    })
+    .await;
+    let size = |s: &common::Scrape| s.get("regcache_cache_size_bytes", &[]) as u64;
+
+    let blob_path = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        cache
+            .data
+            .path()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    };
+    let cached = |img: &Image| blob_path(&img.layers[0].digest()).exists();
+    let pull_app = |i: usize| {
+        let (base, img) = (cache.url(), images[i].clone());
+        async move {
+            assert_eq!(pull(&base, &format!("app{i}"), "1").await, img.digest());
+            // Once the fill committed, the loop brings the cache back under its cap.
+            common::Scrape::until(&base, |s| {
+                s.get("regcache_fetches_in_flight", &[]) == 0.0 && size(s) <= cap
+            })
+            .await
+        }
+    };
+
+    assert_eq!(pull(&cache.url(), "pinned", "1").await, pinned.digest());
+    pull_app(0).await;
+    pull_app(1).await;
+    // Use app0 again: app1 is now the least recently used.
+    pull_app(0).await;
+    pull_app(2).await;
+    assert!(cached(&images[0]), "recently used app0 evicted");
+    assert!(!cached(&images[1]), "least recently used app1 kept");
+    assert!(cached(&images[2]));
+
+    let mut peak = 0;
+    for i in 3..6 {
+        peak = peak.max(size(&pull_app(i).await));
+    }
+    let s = common::Scrape::of(&cache.url()).await;
+    assert!(
+        s.get("regcache_cache_evictions_total", &[]) >= 3.0,
+        "{}",
+        s.text
+    );
+    assert!(peak <= cap);
+    // The pinned image survived everything; the newest image is there.
+    assert!(cached(&pinned), "pinned layer evicted");
+    assert!(cached(&images[5]), "newest evicted");
+
+    // An evicted image pulls again, from upstream.
+    meter.reset();
+    assert_eq!(pull(&cache.url(), "app1", "1").await, images[1].digest());
+    assert!(meter.blob_gets() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_on_a_stopped_cache_evicts_to_a_size_and_keeps_pins() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    let image = |seed| {
+        Image::new(
+            common::image::DOCKER_V2,
+            "amd64",
+            vec![common::image::Layer::new(seed, 512 << 10)],
+        )
+    };
+    let (keep, a, b) = (image(71), image(72), image(73));
+    up.add("library/keep", "1", &keep);
+    up.add("library/a", "1", &a);
+    up.add("library/b", "1", &b);
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    for (name, img) in [("keep", &keep), ("a", &a), ("b", &b)] {
+        assert_eq!(pull(&cache.url(), name, "1").await, img.digest());
+    }
+    let data = cache.shutdown().await;
+    let dir = data.path().to_str().unwrap().to_owned();
+    let config = data.path().join("gc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstreams.\"docker.io\"]\nurls = [\"{}\"]\n[cache]\npin = [\"keep:1\"]\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let gc = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args([
+                "gc",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                &dir,
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let files = || common::count_files(&data.path().join("blobs"));
+    let before = files();
+
+    let (ok, out) = gc(&["--dry-run", "--max-size", "800KiB"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("would remove"), "{out}");
+    assert_eq!(files(), before, "a dry run removes nothing");
+
+    let (ok, out) = gc(&["--max-size", "800KiB"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("pinned objects kept"), "{out}");
+    let layer = |img: &Image| {
+        let d = img.layers[0].digest();
+        let hex = d.trim_start_matches("sha256:").to_owned();
+        data.path().join("blobs/sha256").join(&hex[..2]).join(&hex)
+    };
+    assert!(layer(&keep).exists(), "pinned image kept: {out}");
+    assert!(!layer(&a).exists() || !layer(&b).exists(), "{out}");
+    assert!(files() < before);
+
+    // Without a bound configured or given, gc refuses to guess.
+    let (ok, out) = gc(&[]);
+    assert!(!ok);
+    assert!(out.contains("nothing bounds the cache"), "{out}");
+}

@@ -292,7 +292,18 @@ impl Prometheus {
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
-        common::wait_http(&format!("{url}/-/ready"), "prometheus").await;
+        // Ready means 200 from /-/ready, not just an answer.
+        let mut ready = false;
+        for _ in 0..200 {
+            if let Ok(r) = http().get(format!("{url}/-/ready")).send().await
+                && r.status() == 200
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "prometheus did not become ready");
         Prometheus {
             child,
             url,

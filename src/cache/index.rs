@@ -18,6 +18,8 @@ pub struct Index {
     blobs: sled::Tree,
     manifests: sled::Tree,
     tags: sled::Tree,
+    /// digest -> last use (ms since the epoch, big-endian), written in batches.
+    access: sled::Tree,
 }
 
 /// A manifest known for an upstream.
@@ -67,6 +69,7 @@ impl Index {
             blobs: db.open_tree("blobs")?,
             manifests: db.open_tree("manifests")?,
             tags: db.open_tree("tags")?,
+            access: db.open_tree("access")?,
         })
     }
 
@@ -133,6 +136,44 @@ impl Index {
         Ok(())
     }
 
+    /// Records last-use times (one batch per flush, not one write per request).
+    pub fn put_access(&self, uses: &[(Digest, u64)]) -> sled::Result<()> {
+        let mut batch = sled::Batch::default();
+        for (d, ms) in uses {
+            batch.insert(d.to_string().as_bytes(), &ms.to_be_bytes());
+        }
+        self.access.apply_batch(batch)
+    }
+
+    /// When a digest was last used, if recorded.
+    pub fn access(&self, digest: &Digest) -> sled::Result<Option<u64>> {
+        Ok(self
+            .access
+            .get(digest.to_string().as_bytes())?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// For every digest with an entry: the upstreams holding it, and whether it is a manifest.
+    pub fn holders(&self) -> sled::Result<std::collections::HashMap<Digest, (Vec<String>, bool)>> {
+        let mut out: std::collections::HashMap<Digest, (Vec<String>, bool)> = Default::default();
+        for (tree, is_manifest) in [(&self.blobs, false), (&self.manifests, true)] {
+            for kv in tree.iter() {
+                let (k, _) = kv?;
+                let k = String::from_utf8_lossy(&k);
+                if let Some((up, d)) = k.split_once('\0')
+                    && let Ok(d) = d.parse::<Digest>()
+                {
+                    let e = out.entry(d).or_default();
+                    e.1 |= is_manifest;
+                    if !e.0.iter().any(|u| u == up) {
+                        e.0.push(up.to_owned());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every (upstream, digest) with a blob or manifest entry.
     pub fn entries(&self) -> sled::Result<Vec<(String, Digest)>> {
         let mut out = Vec::new();
@@ -163,7 +204,26 @@ impl Index {
                 self.forget_for(&up, &d)?;
             }
         }
+        self.access.remove(digest.to_string().as_bytes())?;
         Ok(())
+    }
+
+    /// Every tag entry: (upstream, repo, tag, digest).
+    pub fn tags(&self) -> sled::Result<Vec<(String, String, String, String)>> {
+        let mut out = Vec::new();
+        for kv in self.tags.iter() {
+            let (k, v) = kv?;
+            let k = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = k.splitn(3, '\0');
+            let (Some(up), Some(repo), Some(tag)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if let Ok(e) = serde_json::from_slice::<TagEntry>(&v) {
+                out.push((up.to_owned(), repo.to_owned(), tag.to_owned(), e.digest));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the index answers a read.

@@ -3,6 +3,7 @@
 pub mod blobs;
 pub mod flight;
 pub mod index;
+pub mod lifecycle;
 pub mod verify;
 
 use std::path::Path;

@@ -52,6 +52,7 @@ impl Proxy {
         let up = &t.upstream.name;
         if self.index.blob(up, digest)?.is_some() {
             if let Some((file, size)) = self.store.open_blob(digest).await? {
+                self.touch(digest);
                 return Ok(hit(file, size));
             }
             self.index.remove_blob(up, digest)?;
@@ -115,9 +116,13 @@ impl Proxy {
             expect_ok(&target, resp, || Error::BlobUnknown(d.to_string()))
         };
         let (index, up_name, d) = (self.index.clone(), up.clone(), digest.clone());
+        let this = Arc::downgrade(self);
         let on_commit = move |size| {
             if let Err(e) = index.put_blob(&up_name, &d, size) {
                 tracing::error!(digest = %d, error = %e, "blob committed but not indexed");
+            }
+            if let Some(p) = this.upgrade() {
+                p.committed(&d);
             }
         };
         let (fill, was_joined) = self.fills.join_or_start(spec, source, on_commit)?;

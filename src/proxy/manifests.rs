@@ -277,6 +277,7 @@ impl Proxy {
         upstream: &str,
         digest: &Digest,
     ) -> Result<Option<Arc<Manifest>>> {
+        self.touch(digest);
         if let Some(m) = self.hot_manifests.get(digest) {
             return Ok(Some(m));
         }
@@ -402,6 +403,7 @@ impl Proxy {
             });
         }
         self.store.write_small(&actual, bytes.clone()).await?;
+        self.committed(&actual);
         self.index.put_manifest(
             up,
             &actual,

@@ -118,6 +118,10 @@ pub struct Proxy {
     revalidations: Arc<Group<ManifestKey, Result<manifests::Revalidation, Arc<Error>>>>,
     fills: Arc<Fills>,
     metrics: Arc<Metrics>,
+    /// Last uses not yet written to the index (for LRU eviction).
+    uses: crate::cache::lifecycle::Uses,
+    /// Pokes the GC loop when a commit takes the cache over its cap.
+    gc_now: Arc<tokio::sync::Notify>,
 }
 
 /// Why the proxy could not start.
@@ -208,6 +212,8 @@ impl Proxy {
             revalidations: Arc::default(),
             fills: Arc::default(),
             metrics,
+            uses: Default::default(),
+            gc_now: Arc::default(),
         }))
     }
 
@@ -248,6 +254,83 @@ impl Proxy {
             .map_err(|e| format!("data dir: {e}"))
     }
 
+    /// Runs the lifecycle loop until the proxy is dropped: writes last uses to the index and
+    /// evicts by size, free space and age every `gc_interval`, or at once when a commit takes
+    /// the cache over `max_size`. Holds the proxy only while working.
+    pub fn start_lifecycle(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let interval = self.config.cache.gc_interval;
+        let wake = Arc::clone(&self.gc_now);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let Some(proxy) = weak.upgrade() else { return };
+                if let Err(e) = proxy.collect(false).await {
+                    tracing::warn!(error = %e, "cache eviction failed");
+                }
+                drop(proxy);
+            }
+        });
+    }
+
+    /// One lifecycle pass (see [`Proxy::start_lifecycle`]); with `dry_run`, only the plan.
+    pub async fn collect(
+        self: &Arc<Self>,
+        dry_run: bool,
+    ) -> std::io::Result<crate::cache::lifecycle::Plan> {
+        use crate::cache::lifecycle;
+        self.uses
+            .flush(&self.index)
+            .map_err(std::io::Error::other)?;
+        let policy = lifecycle::Policy::from_config(&self.config);
+        if !policy.is_active() {
+            return Ok(lifecycle::Plan::default());
+        }
+        let this = Arc::clone(self);
+        let plan = tokio::task::spawn_blocking(move || {
+            let pinned = lifecycle::pinned(&this.config, &this.store, &this.index);
+            let free = rustix::fs::statvfs(&this.config.data_dir)
+                .ok()
+                .map(|f| f.f_bavail.saturating_mul(f.f_frsize));
+            lifecycle::plan(
+                &this.store,
+                &this.index,
+                &policy,
+                &pinned,
+                free,
+                std::time::SystemTime::now(),
+            )
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        if !dry_run && !plan.victims.is_empty() {
+            for v in &plan.victims {
+                self.hot_manifests.invalidate(&v.digest);
+            }
+            let n = lifecycle::execute(&plan, &self.store, &self.index).await?;
+            self.metrics.evictions.inc_by(n);
+            tracing::info!(objects = n, bytes = plan.freed, "evicted cached content");
+        }
+        Ok(plan)
+    }
+
+    /// Notes a use of cached content (for LRU eviction); cheap, in memory.
+    pub(crate) fn touch(&self, digest: &crate::oci::digest::Digest) {
+        self.uses.touch(digest);
+    }
+
+    /// After a commit: wake the lifecycle loop if the cache is over its cap.
+    pub(crate) fn committed(&self, digest: &crate::oci::digest::Digest) {
+        self.touch(digest);
+        let cap = self.config.cache.max_size;
+        if cap > 0 && self.store.usage().0 > cap {
+            self.gc_now.notify_one();
+        }
+    }
+
     /// Waits (up to `deadline`) for background work to end: blob fills committing, and
     /// revalidations finishing. Each holds the index; a restart on the same data dir needs it.
     pub async fn drain(self: &Arc<Self>, deadline: std::time::Duration) -> bool {
@@ -266,6 +349,7 @@ impl Proxy {
 
     /// Writes the index out (at shutdown).
     pub fn flush(&self) -> Result<()> {
+        self.uses.flush(&self.index)?;
         Ok(self.index.flush()?)
     }
 
