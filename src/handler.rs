@@ -112,7 +112,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
 fn source_of(cache: CacheResult) -> &'static str {
     match cache {
         CacheResult::Hit | CacheResult::Stale | CacheResult::Revalidated => "cache",
-        CacheResult::Miss | CacheResult::Coalesced => "upstream",
+        CacheResult::Miss | CacheResult::Coalesced | CacheResult::Passthrough => "upstream",
     }
 }
 
@@ -229,10 +229,12 @@ async fn dispatch<B>(
             let answer = proxy.blob(&t, &digest, head, &client).await?;
             span.record("cache", answer.cache.as_str());
             served.cache = Some(answer.cache);
+            // A passed-through body is the whole blob (a server may ignore Range).
             let range_header = req
                 .headers()
                 .get(header::RANGE)
-                .and_then(|v| v.to_str().ok());
+                .and_then(|v| v.to_str().ok())
+                .filter(|_| !matches!(answer.body, BlobBody::Passthrough(_)));
             let mut resp = Response::builder()
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .header(DIGEST_HEADER, digest.to_string())
@@ -260,6 +262,27 @@ async fn dispatch<B>(
                     }
                 }
             };
+            if let BlobBody::Passthrough(b) = &answer.body {
+                let body = if head {
+                    None
+                } else {
+                    b.lock().expect("passthrough body").take()
+                };
+                if body.is_some() {
+                    // Counted whole here; a broken transfer is an error the client sees.
+                    if let Some(n) = answer.size {
+                        proxy
+                            .metrics()
+                            .served_bytes
+                            .with_label_values(&["upstream"])
+                            .inc_by(n);
+                    }
+                }
+                return resp
+                    .status(status)
+                    .body(body.unwrap_or_else(Body::empty))
+                    .map_err(|e| Error::Internal(e.to_string()));
+            }
             let body = match answer.reader(start, end) {
                 Some(reader) if !head => {
                     let source = match answer.body {

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub disk_size: IntGauge,
     /// Content removed to stay within limits (by the lifecycle policy).
     pub evictions: IntCounter,
+    /// Blobs streamed uncached because the disk took no writes.
+    pub passthrough: IntCounter,
     /// Blob fill durations (upstream to verified commit).
     pub fill_duration: Histogram,
 }
@@ -181,6 +183,15 @@ impl Metrics {
                 let c = IntCounter::new(
                     "regcache_cache_evictions_total",
                     "Content removed from disk by the lifecycle policy.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique");
+                c
+            },
+            passthrough: {
+                let c = IntCounter::new(
+                    "regcache_passthrough_total",
+                    "Blobs streamed from upstream uncached because the data dir took no writes.",
                 )
                 .expect("valid metric");
                 registry.register(Box::new(c.clone())).expect("unique");

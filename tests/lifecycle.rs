@@ -231,3 +231,105 @@ async fn gc_on_a_stopped_cache_evicts_to_a_size_and_keeps_pins() {
     assert!(!ok);
     assert!(out.contains("nothing bounds the cache"), "{out}");
 }
+
+/// A small tmpfs for a data dir (needs root, as CI runs); unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        assert!(
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")),
+            "this test mounts a tmpfs and must run as root (CI does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs failed");
+        Tmpfs { dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_passes_blobs_through_uncached_and_recovers_when_space_returns() {
+    let fs = Tmpfs::mount("24m");
+    let up = FakeRegistry::start(Faults::default()).await;
+    let img = Image::new(
+        common::image::DOCKER_V2,
+        "amd64",
+        (0..4)
+            .map(|i| common::image::Layer::new(90 + i, 4 << 20))
+            .collect(),
+    );
+    up.add("library/big", "1", &img);
+    let data = fs.dir.path().join("data");
+    let mut cfg = common::config(&up.url(), &data);
+    cfg.cache.negative_ttl = Duration::ZERO;
+    let cache = Regcache::start_config(cfg, tempfile::tempdir().unwrap()).await;
+
+    // Every pull works with the right bytes, full disk or not.
+    for _ in 0..2 {
+        assert_eq!(pull(&cache.url(), "big", "1").await, img.digest());
+    }
+    let s = common::Scrape::of(&cache.url()).await;
+    assert!(
+        s.get("regcache_passthrough_total", &[]) >= 1.0,
+        "{}",
+        s.text
+    );
+    let cached = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        data.join("blobs/sha256").join(&hex[..2]).join(hex).exists()
+    };
+    let passed: Vec<String> = img
+        .layers
+        .iter()
+        .map(|l| l.digest())
+        .filter(|d| !cached(d))
+        .collect();
+    assert!(!passed.is_empty(), "some layers did not fit");
+    assert!(
+        passed.len() < 4,
+        "some layers were cached before the disk filled"
+    );
+    // A passed-through layer is fetched again each time; the client still gets it whole.
+    assert_eq!(up.count("GET", &passed[0]), 2);
+
+    // Space returns: the next pull caches what it could not before.
+    fs.resize("96m");
+    assert_eq!(pull(&cache.url(), "big", "1").await, img.digest());
+    common::Scrape::until(&cache.url(), |s| {
+        s.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
+    for d in &passed {
+        assert!(cached(d), "{d} cached once space returned");
+    }
+}

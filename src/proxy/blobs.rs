@@ -20,6 +20,9 @@ pub enum BlobBody {
     Fill(Arc<Fill>),
     /// Nothing to send (HEAD answered from upstream).
     None,
+    /// Upstream's body passed straight through, verified, not cached (the disk takes no
+    /// writes). Taken once.
+    Passthrough(std::sync::Mutex<Option<crate::body::Body>>),
 }
 
 /// A blob answer before the range is applied.
@@ -35,7 +38,7 @@ impl BlobAnswer {
         match &self.body {
             BlobBody::File(f) => Some(Reader::complete(Arc::clone(f), start, end.or(self.size)?)),
             BlobBody::Fill(fill) => Some(fill.reader(start, end)),
-            BlobBody::None => None,
+            BlobBody::None | BlobBody::Passthrough(_) => None,
         }
     }
 }
@@ -98,7 +101,7 @@ impl Proxy {
             store: self.store.clone(),
             metrics: Arc::clone(&self.metrics),
         };
-        let (target, d, client) = (t.clone(), digest.clone(), client.clone());
+        let (target, d, asker) = (t.clone(), digest.clone(), client.clone());
         let source = async move {
             let path = format!("blobs/{d}");
             let resp = send(
@@ -109,7 +112,7 @@ impl Proxy {
                     path: &path,
                     query: None,
                     accept: None,
-                    client_auth: client.authorization.as_ref(),
+                    client_auth: asker.authorization.as_ref(),
                 },
             )
             .await?;
@@ -125,16 +128,70 @@ impl Proxy {
                 p.committed(&d);
             }
         };
-        let (fill, was_joined) = self.fills.join_or_start(spec, source, on_commit)?;
-        joined(
-            fill,
-            if was_joined {
-                CacheResult::Coalesced
-            } else {
-                CacheResult::Miss
+        if let Some(why) = self.disk_unavailable() {
+            return self.passthrough(t, digest, client, &why).await;
+        }
+        match self.fills.join_or_start(spec, source, on_commit) {
+            Ok((fill, was_joined)) => {
+                joined(
+                    fill,
+                    if was_joined {
+                        CacheResult::Coalesced
+                    } else {
+                        CacheResult::Miss
+                    },
+                )
+                .await
+            }
+            Err(e) => self.passthrough(t, digest, client, &e.to_string()).await,
+        }
+    }
+
+    /// Why the disk cannot take a new blob now, if it cannot: less free space than
+    /// `min_free_disk` (at least [`PASSTHROUGH_FLOOR`]).
+    fn disk_unavailable(&self) -> Option<String> {
+        let floor = self.config.cache.min_free_disk.max(PASSTHROUGH_FLOOR);
+        let fs = rustix::fs::statvfs(&self.config.data_dir).ok()?;
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        (free < floor).then(|| format!("{free} bytes free on the data dir, below {floor}"))
+    }
+
+    /// Streams a blob from upstream to this one client without caching it, when the disk
+    /// cannot take it; the digest is still checked before the last byte goes out.
+    async fn passthrough(
+        &self,
+        t: &Target,
+        digest: &Digest,
+        client: &ClientInfo,
+        why: &str,
+    ) -> Result<BlobAnswer> {
+        tracing::warn!(upstream = %t.upstream.name, %digest, reason = %why, "cache not writable; passing the blob through uncached");
+        self.metrics.passthrough.inc();
+        let path = format!("blobs/{digest}");
+        let resp = send(
+            t,
+            UpstreamRequest {
+                method: Method::GET,
+                repo: &t.repo,
+                path: &path,
+                query: None,
+                accept: None,
+                client_auth: client.authorization.as_ref(),
             },
         )
-        .await
+        .await?;
+        let resp = expect_ok(t, resp, || Error::BlobUnknown(digest.to_string()))?;
+        let size = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = verified(resp, digest.clone(), size, Arc::clone(&t.upstream));
+        Ok(BlobAnswer {
+            size,
+            body: BlobBody::Passthrough(std::sync::Mutex::new(Some(body))),
+            cache: CacheResult::Passthrough,
+        })
     }
 
     /// The blob's size per an upstream HEAD; `None` when upstream does not have it.
@@ -190,4 +247,88 @@ async fn joined(fill: Arc<Fill>, cache: CacheResult) -> Result<BlobAnswer> {
         body: BlobBody::Fill(fill),
         cache,
     })
+}
+
+/// Below this much free space on the data dir, new blobs pass through uncached.
+const PASSTHROUGH_FLOOR: u64 = 16 << 20;
+
+/// Upstream's body, hashed as it passes; the last chunk is held until the digest (and the
+/// length) checked out, so a wrong blob never arrives whole.
+fn verified(
+    resp: http::Response<hyper::body::Incoming>,
+    digest: Digest,
+    size: Option<u64>,
+    upstream: Arc<crate::upstream::Upstream>,
+) -> crate::body::Body {
+    use http_body_util::BodyExt as _;
+    struct State {
+        // The parts carry the upstream slot: held until the body is done.
+        _slot: http::response::Parts,
+        body: hyper::body::Incoming,
+        verifier: Option<crate::oci::digest::Verifier>,
+        held: Option<bytes::Bytes>,
+        seen: u64,
+    }
+    let (parts, body) = resp.into_parts();
+    let state = State {
+        _slot: parts,
+        body,
+        verifier: Some(crate::oci::digest::Verifier::new(digest.algorithm())),
+        held: None,
+        seen: 0,
+    };
+    let read_timeout = upstream.read_timeout();
+    let chunks = futures_util::stream::unfold(Some(state), move |st| {
+        let (digest, upstream) = (digest.clone(), Arc::clone(&upstream));
+        async move {
+            let mut st = st?;
+            loop {
+                let frame = match tokio::time::timeout(read_timeout, st.body.frame()).await {
+                    Err(_) => {
+                        upstream.count_error("timeout");
+                        return Some((Err(std::io::Error::other("upstream stalled")), None));
+                    }
+                    Ok(f) => f,
+                };
+                match frame {
+                    Some(Ok(f)) => {
+                        let Ok(data) = f.into_data() else { continue };
+                        if data.is_empty() {
+                            continue;
+                        }
+                        st.seen += data.len() as u64;
+                        upstream.count_fetched(data.len() as u64);
+                        if let Some(v) = st.verifier.as_mut() {
+                            v.update(&data);
+                        }
+                        if let Some(prev) = st.held.replace(data) {
+                            return Some((Ok(http_body::Frame::data(prev)), Some(st)));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        upstream.count_error("reset");
+                        return Some((Err(std::io::Error::other(e)), None));
+                    }
+                    None => {
+                        let actual = st.verifier.take().map(|v| v.finish());
+                        let whole = size.is_none_or(|s| s == st.seen);
+                        if actual.as_ref() != Some(&digest) || !whole {
+                            upstream.count_error("digest_mismatch");
+                            return Some((
+                                Err(std::io::Error::other(format!(
+                                    "upstream sent bytes that do not match {digest}"
+                                ))),
+                                None,
+                            ));
+                        }
+                        return st
+                            .held
+                            .take()
+                            .map(|last| (Ok(http_body::Frame::data(last)), None));
+                    }
+                }
+            }
+        }
+    });
+    crate::body::Body::stream(http_body_util::StreamBody::new(chunks))
 }

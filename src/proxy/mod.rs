@@ -46,6 +46,8 @@ pub enum CacheResult {
     Revalidated,
     /// Served from the cache because upstream failed or was too slow.
     Stale,
+    /// Streamed from upstream without caching: the disk takes no writes.
+    Passthrough,
 }
 
 impl CacheResult {
@@ -56,6 +58,7 @@ impl CacheResult {
             CacheResult::Coalesced => "coalesced",
             CacheResult::Revalidated => "revalidated",
             CacheResult::Stale => "stale",
+            CacheResult::Passthrough => "passthrough",
         }
     }
 
@@ -67,6 +70,9 @@ impl CacheResult {
             CacheResult::Coalesced => "regcache; fwd=uri-miss; collapsed",
             CacheResult::Revalidated => "regcache; fwd=stale; fwd-status=200",
             CacheResult::Stale => "regcache; hit; detail=stale-upstream-unavailable",
+            CacheResult::Passthrough => {
+                "regcache; fwd=uri-miss; detail=not-stored-disk-unavailable"
+            }
         })
     }
 }
