@@ -46,6 +46,10 @@ pub struct Config {
     /// `listen` too).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin API (`/admin/ls`, `/admin/purge`, `/admin/warm`, plus the metrics and health
+    /// endpoints). Off unless set; it has no authentication, so keep it on loopback.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// Upstream for names that no prefix, `ns` or alias routes elsewhere (registry-mirror traffic).

@@ -158,6 +158,86 @@ pub fn operator_endpoint(proxy: &Proxy, method: &Method, path: &str) -> Option<R
     )
 }
 
+/// The admin API (see `admin_listen`).
+pub async fn admin_endpoint(
+    proxy: &Arc<Proxy>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Response<Body>> {
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    let one = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let result: Result<serde_json::Value> = match (method, path) {
+        (&Method::GET, "/admin/ls") => {
+            let (store, index) = proxy.store_and_index();
+            let (up, repo) = (
+                one("upstream").map(str::to_owned),
+                one("repo").map(str::to_owned),
+            );
+            tokio::task::spawn_blocking(move || {
+                crate::cache::lifecycle::list(&store, &index, up.as_deref(), repo.as_deref())
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))
+            .and_then(|r| r.map_err(Error::from))
+            .map(|rows| serde_json::json!(rows))
+        }
+        (&Method::POST | &Method::DELETE, "/admin/purge") => proxy
+            .purge(one("repo"), one("tag"), one("digest"))
+            .await
+            .map(|p| serde_json::json!(p)),
+        (&Method::POST, "/admin/warm") => {
+            let images: Vec<&str> = params
+                .iter()
+                .filter(|(k, _)| k == "image")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            if images.is_empty() {
+                Err(Error::NameInvalid("give ?image=REF (repeatable)".into()))
+            } else {
+                let mut done = Vec::new();
+                let mut failed = None;
+                for image in images {
+                    match proxy.warm(image).await {
+                        Ok(w) => done.push(w),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(serde_json::json!(done)),
+                }
+            }
+        }
+        (_, "/admin/ls" | "/admin/purge" | "/admin/warm") => {
+            Err(Error::Unsupported(method.to_string()))
+        }
+        _ => return None,
+    };
+    Some(match result {
+        Ok(v) => {
+            let body = v.to_string();
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, body.len())
+                .body(Body::full(body))
+                .expect("valid response")
+        }
+        Err(e) => e.to_response(false),
+    })
+}
+
 async fn dispatch<B>(
     proxy: &Arc<Proxy>,
     req: &Request<B>,

@@ -52,6 +52,33 @@ enum Command {
         #[arg(long, value_parser = parse_size_arg)]
         max_size: Option<u64>,
     },
+    /// List what is cached: repositories, tags, digests, sizes, last use.
+    Ls {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Only this upstream.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Only this repository (as upstream names it, e.g. library/alpine).
+        #[arg(long)]
+        repo: Option<String>,
+    },
+    /// Pull images into the cache (every platform, every layer) with an embedded instance on
+    /// the data dir; for a running server use its admin API (`POST /admin/warm?image=REF`).
+    Warm {
+        #[command(flatten)]
+        data: DataArgs,
+        /// A file with one image reference per line (`#` comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Image references, as for `resolve`.
+        images: Vec<String>,
+    },
+    /// Size, object count and (from a running server's metrics, if up) the hit ratio.
+    Stats {
+        #[command(flatten)]
+        data: DataArgs,
+    },
     /// Show where an image reference goes: upstream, URL, repository, reference, and why.
     Resolve {
         /// Config file (TOML); without it the embedded default is used.
@@ -194,6 +221,129 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Warm { data, file, images } => {
+            let config = data.config()?;
+            let mut all = images;
+            if let Some(f) = file {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                all.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_owned),
+                );
+            }
+            anyhow::ensure!(!all.is_empty(), "no images given");
+            init_logging(&config, cli.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let proxy = regcache::proxy::Proxy::new(std::sync::Arc::new(config)).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e} (if a server is running on this data dir, use its admin API: POST /admin/warm?image=REF)"
+                    )
+                })?;
+                let (mut ok, mut bytes) = (0, 0);
+                let total = all.len();
+                for (i, image) in all.iter().enumerate() {
+                    match proxy.warm(image).await {
+                        Ok(w) => {
+                            ok += 1;
+                            bytes += w.bytes;
+                            println!(
+                                "[{}/{total}] {image}: {} ({} objects, {} bytes)",
+                                i + 1,
+                                w.digest,
+                                w.objects,
+                                w.bytes
+                            );
+                        }
+                        Err(e) => println!("[{}/{total}] {image}: FAILED: {e}", i + 1),
+                    }
+                }
+                proxy.flush().map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!("warmed {ok} of {total} images, {bytes} bytes");
+                anyhow::ensure!(ok == total, "{} images failed", total - ok);
+                Ok(())
+            })
+        }
+        Command::Stats { data } => {
+            let config = data.config()?;
+            let (mut bytes, mut objects) = (0u64, 0u64);
+            let mut stack = vec![config.data_dir.join("blobs")];
+            while let Some(dir) = stack.pop() {
+                for e in std::fs::read_dir(&dir)?.flatten() {
+                    let m = e.metadata()?;
+                    if m.is_dir() {
+                        stack.push(e.path());
+                    } else {
+                        bytes += m.len();
+                        objects += 1;
+                    }
+                }
+            }
+            println!("data dir: {}", config.data_dir.display());
+            println!("cached:   {objects} objects, {bytes} bytes");
+            match scrape(config.listen) {
+                Some(text) => {
+                    let sum = |pred: &dyn Fn(&str) -> bool| -> f64 {
+                        text.lines()
+                            .filter(|l| l.starts_with("regcache_cache_lookups_total{") && pred(l))
+                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                            .sum()
+                    };
+                    let all = sum(&|_| true);
+                    let hits = sum(&|l| {
+                        ["hit", "stale", "revalidated"]
+                            .iter()
+                            .any(|r| l.contains(&format!("result=\"{r}\"")))
+                    });
+                    if all > 0.0 {
+                        println!(
+                            "server:   up at {}; hit ratio since start {:.1}% ({hits} of {all} lookups)",
+                            config.listen,
+                            100.0 * hits / all
+                        );
+                    } else {
+                        println!("server:   up at {}; no lookups yet", config.listen);
+                    }
+                }
+                None => println!("server:   not reachable at {}", config.listen),
+            }
+            Ok(())
+        }
+        Command::Ls {
+            data,
+            upstream,
+            repo,
+        } => {
+            let config = data.config()?;
+            let (store, index) = regcache::cache::open_offline(&config.data_dir)?;
+            let rows = regcache::cache::lifecycle::list(
+                &store,
+                &index,
+                upstream.as_deref(),
+                repo.as_deref(),
+            )?;
+            println!("UPSTREAM\tREPOSITORY\tTAG\tDIGEST\tSIZE\tLAST USE");
+            for r in &rows {
+                let last = if r.last_use_ms == 0 {
+                    "-".to_owned()
+                } else {
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.last_use_ms),
+                    )
+                    .to_string()
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{last}",
+                    r.upstream, r.repo, r.tag, r.digest, r.size
+                );
+            }
+            Ok(())
+        }
         Command::Verify { data, repair } => {
             let dir = data.config()?.data_dir;
             let (store, index) = regcache::cache::open_offline(&dir)?;
@@ -280,6 +430,20 @@ fn resolve(config: &Config, reference: &str, ns: Option<&str>) -> anyhow::Result
         ));
     }
     Ok(out)
+}
+
+/// `GET /metrics` from a running server, with a short deadline (plain HTTP/1.0 over TCP).
+fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 fn init_logging(config: &Config, format: Option<LogFormat>) {

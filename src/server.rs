@@ -26,6 +26,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Server {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    admin_listener: Option<TcpListener>,
     proxy: Arc<Proxy>,
 }
 
@@ -57,15 +58,31 @@ impl Server {
             ),
             None => None,
         };
+        let admin_listener = match proxy.config().admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Server {
             listener,
             metrics_listener,
+            admin_listener,
             proxy,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener")
+    }
+
+    /// The admin listener's address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
     }
 
     /// The metrics-only listener's address, when `metrics_listen` is set.
@@ -80,13 +97,23 @@ impl Server {
         let Server {
             listener,
             metrics_listener,
+            admin_listener,
             proxy,
         } = self;
         tracing::info!(addr = %listener.local_addr().expect("bound"), data_dir = %proxy.config().data_dir.display(), "regcache listening");
         let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
         if let Some(l) = metrics_listener {
             tracing::info!(addr = %l.local_addr().expect("bound"), "metrics listening");
-            tokio::spawn(serve_metrics(l, Arc::clone(&proxy), metrics_stopped));
+            tokio::spawn(serve_side(
+                l,
+                Arc::clone(&proxy),
+                metrics_stopped.clone(),
+                false,
+            ));
+        }
+        if let Some(l) = admin_listener {
+            tracing::info!(addr = %l.local_addr().expect("bound"), "admin API listening");
+            tokio::spawn(serve_side(l, Arc::clone(&proxy), metrics_stopped, true));
         }
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -169,11 +196,13 @@ impl Drop for Connected {
     }
 }
 
-/// The metrics-only listener: `/metrics`, `/healthz`, `/readyz`; 404 for anything else.
-async fn serve_metrics(
+/// A side listener: `/metrics`, `/healthz`, `/readyz`, and with `admin` the admin API; 404 for
+/// anything else.
+async fn serve_side(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
+    admin: bool,
 ) {
     loop {
         let stream = tokio::select! {
@@ -191,9 +220,14 @@ async fn serve_metrics(
         let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let proxy = Arc::clone(&proxy);
             async move {
-                let resp = handler::operator_endpoint(&proxy, req.method(), req.uri().path())
-                    .unwrap_or_else(|| crate::error::Error::NotFound.to_response(false));
-                Ok::<_, std::convert::Infallible>(resp)
+                let (method, path) = (req.method(), req.uri().path());
+                let mut resp = handler::operator_endpoint(&proxy, method, path);
+                if resp.is_none() && admin {
+                    resp = handler::admin_endpoint(&proxy, method, path, req.uri().query()).await;
+                }
+                Ok::<_, std::convert::Infallible>(
+                    resp.unwrap_or_else(|| crate::error::Error::NotFound.to_response(false)),
+                )
             }
         });
         let mut stop = stopped.clone();

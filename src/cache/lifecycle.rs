@@ -397,3 +397,51 @@ mod tests {
         assert_eq!(got, want);
     }
 }
+
+/// One cached tag, for `regcache ls` and `/admin/ls`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listed {
+    pub upstream: String,
+    pub repo: String,
+    pub tag: String,
+    pub digest: String,
+    /// The manifest plus every config and layer it names that is on disk.
+    pub size: u64,
+    /// Last use of the manifest, ms since the epoch (0: unknown).
+    pub last_use_ms: u64,
+}
+
+/// Every cached tag, optionally of one upstream and one repository.
+pub fn list(
+    store: &Store,
+    index: &Index,
+    upstream: Option<&str>,
+    repo: Option<&str>,
+) -> io::Result<Vec<Listed>> {
+    let read = |d: &Digest| std::fs::read(store.path(d)).ok();
+    let mut out = Vec::new();
+    for (up, r, tag, digest) in index.tags().map_err(io::Error::other)? {
+        if upstream.is_some_and(|u| u != up) || repo.is_some_and(|x| x != r) {
+            continue;
+        }
+        let Ok(d) = digest.parse::<Digest>() else {
+            continue;
+        };
+        let size = image_digests(&d, &read)
+            .iter()
+            .filter_map(|x| std::fs::metadata(store.path(x)).ok())
+            .map(|m| m.len())
+            .sum();
+        let last_use_ms = index.access(&d).map_err(io::Error::other)?.unwrap_or(0);
+        out.push(Listed {
+            upstream: up,
+            repo: r,
+            tag,
+            digest,
+            size,
+            last_use_ms,
+        });
+    }
+    out.sort_by(|a, b| (&a.upstream, &a.repo, &a.tag).cmp(&(&b.upstream, &b.repo, &b.tag)));
+    Ok(out)
+}

@@ -7,6 +7,7 @@
 //! - A blob on disk is served for any repository of the upstream that fetched it; for another
 //!   upstream only after that upstream confirms it has the blob (a `HEAD`).
 
+pub mod admin;
 mod blobs;
 mod manifests;
 pub mod router;
@@ -225,6 +226,11 @@ impl Proxy {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The store and index, for listings off the async threads.
+    pub fn store_and_index(&self) -> (Store, Index) {
+        (self.store.clone(), self.index.clone())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

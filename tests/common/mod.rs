@@ -308,6 +308,8 @@ pub struct Regcache {
     pub addr: SocketAddr,
     /// The metrics-only listener, when the config sets `metrics_listen`.
     pub metrics_addr: Option<SocketAddr>,
+    /// The admin API, when the config sets `admin_listen`.
+    pub admin_addr: Option<SocketAddr>,
     pub data: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -349,6 +351,7 @@ impl Regcache {
         let server = regcache::Server::bind(cfg).await.unwrap();
         let addr = server.local_addr();
         let metrics_addr = server.metrics_addr();
+        let admin_addr = server.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = stopped.await;
@@ -356,6 +359,7 @@ impl Regcache {
         Regcache {
             addr,
             metrics_addr,
+            admin_addr,
             data,
             stop: Some(stop),
             task: Some(task),
