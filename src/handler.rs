@@ -202,10 +202,15 @@ pub async fn admin_endpoint(
             if images.is_empty() {
                 Err(Error::NameInvalid("give ?image=REF (repeatable)".into()))
             } else {
+                let platforms: Vec<String> = params
+                    .iter()
+                    .filter(|(k, _)| k == "platform")
+                    .map(|(_, v)| v.clone())
+                    .collect();
                 let mut done = Vec::new();
                 let mut failed = None;
                 for image in images {
-                    match proxy.warm(image).await {
+                    match proxy.warm(image, &platforms).await {
                         Ok(w) => done.push(w),
                         Err(e) => {
                             failed = Some(e);

@@ -71,6 +71,9 @@ enum Command {
         /// A file with one image reference per line (`#` comments allowed).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Only these platforms of multi-platform images (repeatable), e.g. linux/amd64.
+        #[arg(long = "platform", value_name = "OS/ARCH")]
+        platforms: Vec<String>,
         /// Image references, as for `resolve`.
         images: Vec<String>,
     },
@@ -221,7 +224,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Warm { data, file, images } => {
+        Command::Warm {
+            data,
+            file,
+            platforms,
+            images,
+        } => {
             let config = data.config()?;
             let mut all = images;
             if let Some(f) = file {
@@ -248,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let (mut ok, mut bytes) = (0, 0);
                 let total = all.len();
                 for (i, image) in all.iter().enumerate() {
-                    match proxy.warm(image).await {
+                    match proxy.warm(image, &platforms).await {
                         Ok(w) => {
                             ok += 1;
                             bytes += w.bytes;

@@ -167,3 +167,40 @@ async fn warm_ls_and_stats_commands_on_a_data_dir() {
     assert!(!ok);
     assert!(out.contains("nope:1: FAILED"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_a_multi_platform_image_can_choose_platforms() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    let amd = Image::new(
+        common::image::OCI_MANIFEST,
+        "amd64",
+        vec![common::image::Layer::new(84, 5000)],
+    );
+    let arm = Image::new(
+        common::image::OCI_MANIFEST,
+        "arm64",
+        vec![common::image::Layer::new(85, 5000)],
+    );
+    let index = Image::index(common::image::OCI_INDEX, vec![amd.clone(), arm.clone()]);
+    up.add("library/multi", "1", &index);
+    let cache = Regcache::start(&up.url(), |c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = format!("http://{}", cache.admin_addr.unwrap());
+    let resp = http()
+        .post(format!(
+            "{admin}/admin/warm?image=multi:1&platform=linux/arm64"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.count("GET", &arm.layers[0].digest()), 1);
+    assert_eq!(
+        up.count("GET", &amd.layers[0].digest()),
+        0,
+        "amd64 not asked for"
+    );
+    assert_eq!(up.count("GET", &amd.digest()), 0);
+}

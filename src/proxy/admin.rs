@@ -28,8 +28,9 @@ pub struct Purged {
 }
 
 impl Proxy {
-    /// Pulls an image into the cache (every platform of an index), as a client would.
-    pub async fn warm(self: &Arc<Self>, image: &str) -> Result<Warmed> {
+    /// Pulls an image into the cache, as a client would: every platform of an index, or only
+    /// those in `platforms` (`os/arch[/variant]`, e.g. `linux/amd64`).
+    pub async fn warm(self: &Arc<Self>, image: &str, platforms: &[String]) -> Result<Warmed> {
         let r: ImageRef = image
             .parse()
             .map_err(|e: crate::oci::reference::NameError| Error::NameInvalid(e.to_string()))?;
@@ -63,6 +64,19 @@ impl Proxy {
             let digest_at =
                 |x: &serde_json::Value| x["digest"].as_str().and_then(|s| s.parse::<Digest>().ok());
             for child in v["manifests"].as_array().into_iter().flatten() {
+                let p = &child["platform"];
+                let platform = [&p["os"], &p["architecture"], &p["variant"]]
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let wanted = platforms.is_empty()
+                    || platforms
+                        .iter()
+                        .any(|w| platform == *w || platform.starts_with(&format!("{w}/")));
+                if !wanted {
+                    continue;
+                }
                 if let Some(d) = digest_at(child) {
                     let (c, _) = self.manifest(&t, &Reference::Digest(d), &client).await?;
                     out.objects += 1;
