@@ -271,6 +271,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         Err(e) => println!("[{}/{total}] {image}: FAILED: {e}", i + 1),
                     }
                 }
+                // Fills commit just after their last byte is read: let them finish.
+                proxy.drain(std::time::Duration::from_secs(60)).await;
                 proxy.flush().map_err(|e| anyhow::anyhow!("{e}"))?;
                 println!("warmed {ok} of {total} images, {bytes} bytes");
                 anyhow::ensure!(ok == total, "{} images failed", total - ok);
