@@ -145,6 +145,35 @@ pub fn drop_dangling(store: &Store, index: &Index, remove: bool) -> io::Result<u
     Ok(n)
 }
 
+/// Start-up reconciliation after a crash: drops index entries whose file is gone, and hashes
+/// every file no upstream's index names (a crash between commit and indexing leaves one):
+/// a good one stays and is indexed again when an upstream confirms it, a bad one is removed.
+/// Returns (entries dropped, unindexed files kept, files removed).
+pub fn reconcile(store: &Store, index: &Index) -> io::Result<(u64, u64, u64)> {
+    let dropped = drop_dangling(store, index, true)?;
+    let known = index.holders().map_err(io::Error::other)?;
+    let blobs = store.blobs_dir();
+    let mut files = Vec::new();
+    files_below(blobs, &mut files)?;
+    let (mut kept, mut removed) = (0, 0);
+    for path in files {
+        let Some(digest) = digest_of_path(blobs, &path) else {
+            continue;
+        };
+        if known.contains_key(&digest) {
+            continue;
+        }
+        let (actual, _) = hash_file(&path, digest.algorithm())?;
+        if actual == digest {
+            kept += 1;
+        } else {
+            fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok((dropped, kept, removed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +222,22 @@ mod tests {
         let r = verify(&store, &index, false).unwrap();
         assert!(r.is_clean(), "{r}");
         assert_eq!(r.checked, 1);
+
+        // Unindexed files: a good one stays, a bad one goes; dangling entries are dropped.
+        let orphan = Bytes::from_static(b"committed, never indexed");
+        let orphan_d = Digest::sha256_of(&orphan);
+        store.write_small(&orphan_d, orphan).await.unwrap();
+        let broken = Bytes::from_static(b"committed, then damaged");
+        let broken_d = Digest::sha256_of(&broken);
+        store.write_small(&broken_d, broken).await.unwrap();
+        fs::write(store.path(&broken_d), b"garbage").unwrap();
+        index.put_blob("docker.io", &gone, 1).unwrap();
+        assert_eq!(reconcile(&store, &index).unwrap(), (1, 1, 1));
+        assert!(store.path(&orphan_d).exists());
+        assert!(!store.path(&broken_d).exists());
+        assert!(
+            store.path(&dg).exists(),
+            "indexed files are not re-hashed or touched"
+        );
     }
 }

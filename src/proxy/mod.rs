@@ -153,18 +153,22 @@ impl Proxy {
             source,
         })?;
         let index = Index::open(&data.join("index"))?;
-        // After a crash the index may name files that never made it to disk: drop those
-        // entries (in the background; until then a missing file is dropped when asked for).
+        // After a crash the index may name files that never made it to disk, and files may
+        // lack their entry: reconcile in the background (until then a missing file is dropped
+        // when asked for, and an unindexed one is served once an upstream confirms it).
         {
             let (store, index) = (store.clone(), index.clone());
             std::thread::Builder::new()
                 .name("regcache-reconcile".into())
                 .spawn(
-                    move || match crate::cache::verify::drop_dangling(&store, &index, true) {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            tracing::info!(entries = n, "dropped index entries without a file")
-                        }
+                    move || match crate::cache::verify::reconcile(&store, &index) {
+                        Ok((0, 0, 0)) => {}
+                        Ok((dropped, kept, removed)) => tracing::info!(
+                            dropped_entries = dropped,
+                            unindexed_kept = kept,
+                            unindexed_corrupt_removed = removed,
+                            "index reconciled with the files"
+                        ),
                         Err(e) => tracing::warn!(error = %e, "reconciling the index failed"),
                     },
                 )
