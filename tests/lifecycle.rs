@@ -333,3 +333,73 @@ async fn a_full_disk_passes_blobs_through_uncached_and_recovers_when_space_retur
         assert!(cached(d), "{d} cached once space returned");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_never_breaks_a_download_in_progress() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    // Far more than socket buffers hold, so the slow reader is still reading the file.
+    let layer = |seed| common::image::Layer::new(seed, 24 << 20);
+    let (a, b) = (layer(95), layer(96));
+    let img = Image::new(
+        common::image::DOCKER_V2,
+        "amd64",
+        vec![a.clone(), b.clone()],
+    );
+    up.add("library/app", "1", &img);
+    let cache = Regcache::start(&up.url(), |c| {
+        c.cache.max_size = 36 << 20;
+        c.cache.gc_interval = Duration::from_millis(50);
+    })
+    .await;
+    let url = |d: &str| format!("{}/v2/app/blobs/{d}", cache.url());
+    let path = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        cache
+            .data
+            .path()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    };
+    // A cached, then a slow client starts reading it from disk.
+    http()
+        .get(url(&a.digest()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    common::Scrape::until(&cache.url(), |s| {
+        s.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
+    let mut slow = http().get(url(&a.digest())).send().await.unwrap();
+    assert_eq!(slow.headers()["cache-status"], "regcache; hit");
+    let mut got = slow.chunk().await.unwrap().unwrap().to_vec();
+
+    // B takes the cache over its cap: A, least recently used, is evicted mid-download.
+    http()
+        .get(url(&b.digest()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if !path(&a.digest()).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!path(&a.digest()).exists(), "A was evicted");
+    while let Some(c) = slow.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    assert_eq!(
+        common::image::sha256(&got),
+        a.digest(),
+        "the download completed whole"
+    );
+}
