@@ -255,22 +255,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
                 let (mut ok, mut bytes) = (0, 0);
                 let total = all.len();
+                // A bar on a terminal (stderr); plain result lines on stdout either way.
+                let bar = indicatif::ProgressBar::new(total as u64).with_style(
+                    indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")
+                        .expect("valid template"),
+                );
                 for (i, image) in all.iter().enumerate() {
-                    match proxy.warm(image, &platforms).await {
+                    bar.set_message(image.clone());
+                    let line = match proxy.warm(image, &platforms).await {
                         Ok(w) => {
                             ok += 1;
                             bytes += w.bytes;
-                            println!(
+                            format!(
                                 "[{}/{total}] {image}: {} ({} objects, {} bytes)",
                                 i + 1,
                                 w.digest,
                                 w.objects,
                                 w.bytes
-                            );
+                            )
                         }
-                        Err(e) => println!("[{}/{total}] {image}: FAILED: {e}", i + 1),
-                    }
+                        Err(e) => format!("[{}/{total}] {image}: FAILED: {e}", i + 1),
+                    };
+                    bar.suspend(|| println!("{line}"));
+                    bar.inc(1);
                 }
+                bar.finish_and_clear();
                 // Fills commit just after their last byte is read: let them finish.
                 proxy.drain(std::time::Duration::from_secs(60)).await;
                 proxy.flush().map_err(|e| anyhow::anyhow!("{e}"))?;
