@@ -74,6 +74,10 @@ enum Command {
         /// Only these platforms of multi-platform images (repeatable), e.g. linux/amd64.
         #[arg(long = "platform", value_name = "OS/ARCH")]
         platforms: Vec<String>,
+        /// Warm through a running server's admin API at this address (its `admin_listen`)
+        /// instead of an embedded instance on the data dir.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
         /// Image references, as for `resolve`.
         images: Vec<String>,
     },
@@ -228,9 +232,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             file,
             platforms,
+            admin,
             images,
         } => {
-            let config = data.config()?;
             let mut all = images;
             if let Some(f) = file {
                 let text = std::fs::read_to_string(&f)
@@ -243,6 +247,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             anyhow::ensure!(!all.is_empty(), "no images given");
+            if let Some(addr) = admin {
+                return warm_remote(addr, &all, &platforms);
+            }
+            let config = data.config()?;
             init_logging(&config, cli.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -451,18 +459,75 @@ fn resolve(config: &Config, reference: &str, ns: Option<&str>) -> anyhow::Result
     Ok(out)
 }
 
-/// `GET /metrics` from a running server, with a short deadline (plain HTTP/1.0 over TCP).
-fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+/// One plain HTTP/1.0 request to a local server: (status, body).
+fn local_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
-    let timeout = std::time::Duration::from_secs(2);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(
+        format!("{method} {target} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )?;
     let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// `GET /metrics` from a running server, with a short deadline.
+fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    match local_request(addr, "GET", "/metrics", std::time::Duration::from_secs(2)) {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
+}
+
+/// `regcache warm --admin ADDR`: each image through a running server's `/admin/warm`.
+fn warm_remote(
+    addr: std::net::SocketAddr,
+    images: &[String],
+    platforms: &[String],
+) -> anyhow::Result<()> {
+    let total = images.len();
+    let mut ok = 0;
+    for (i, image) in images.iter().enumerate() {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("image", image);
+        for p in platforms {
+            q.append_pair("platform", p);
+        }
+        let target = format!("/admin/warm?{}", q.finish());
+        let (status, body) =
+            local_request(addr, "POST", &target, std::time::Duration::from_secs(3600))
+                .with_context(|| format!("admin API at {addr}"))?;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status == 200 {
+            ok += 1;
+            println!(
+                "[{}/{total}] {image}: {} ({} objects, {} bytes)",
+                i + 1,
+                v[0]["digest"].as_str().unwrap_or("?"),
+                v[0]["objects"],
+                v[0]["bytes"]
+            );
+        } else {
+            let why = v["errors"][0]["message"].as_str().unwrap_or(body.trim());
+            println!("[{}/{total}] {image}: FAILED: {why}", i + 1);
+        }
+    }
+    println!("warmed {ok} of {total} images");
+    anyhow::ensure!(ok == total, "{} images failed", total - ok);
+    Ok(())
 }
 
 fn init_logging(config: &Config, format: Option<LogFormat>) {

@@ -92,6 +92,18 @@ async fn admin_api_warms_lists_and_purges() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+
+    // `regcache warm --admin` drives the same API from the command line.
+    let addr = cache.admin_addr.unwrap().to_string();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        regcache(&["warm", "--admin", &addr, "app:1", "missing:1"])
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "one image is missing: {out}");
+    assert!(out.contains(&format!("app:1: {}", img.digest())), "{out}");
+    assert!(out.contains("missing:1: FAILED"), "{out}");
+    assert!(out.contains("warmed 1 of 2 images"), "{out}");
 }
 
 fn regcache(args: &[&str]) -> (bool, String) {
