@@ -353,6 +353,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn low_free_space_evicts_oldest_until_the_floor_plus_a_tenth_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::open(&dir.path().join("index")).unwrap();
+        let now = SystemTime::now();
+        let t = millis(now);
+        let mut ds = Vec::new();
+        for i in 0..4u64 {
+            let content = format!("{i}{}", "y".repeat(99));
+            ds.push(put(&store, &index, &content, t - 1000 * (4 - i)).await);
+        }
+        let policy = Policy {
+            min_free_disk: 200,
+            ..Policy::default()
+        };
+        // 50 bytes free, 220 wanted: the two oldest 100-byte objects (170 bytes) go.
+        let p = plan(&store, &index, &policy, &HashSet::new(), Some(50), now).unwrap();
+        let gone: Vec<_> = p.victims.iter().map(|v| v.digest.clone()).collect();
+        assert_eq!(gone, ds[..2].to_vec());
+        assert!(p.victims.iter().all(|v| v.reason == "min_free_disk"));
+        // Enough free: nothing goes.
+        let p = plan(&store, &index, &policy, &HashSet::new(), Some(10_000), now).unwrap();
+        assert!(p.victims.is_empty());
+    }
+
+    #[tokio::test]
     async fn max_age_per_upstream() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
