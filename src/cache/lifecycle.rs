@@ -368,7 +368,7 @@ mod tests {
             min_free_disk: 200,
             ..Policy::default()
         };
-        // 50 bytes free, 220 wanted: the two oldest 100-byte objects (170 bytes) go.
+        // 50 bytes free, 220 wanted, 170 short: the two oldest 100-byte objects go.
         let p = plan(&store, &index, &policy, &HashSet::new(), Some(50), now).unwrap();
         let gone: Vec<_> = p.victims.iter().map(|v| v.digest.clone()).collect();
         assert_eq!(gone, ds[..2].to_vec());
