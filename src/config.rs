@@ -136,7 +136,7 @@ pub struct UpstreamConfig {
     /// Namespace for one-component names; defaults to `library` for Docker Hub, none elsewhere.
     pub short_name_prefix: Option<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// A file holding the password (read again whenever credentials are refreshed).
     pub password_file: Option<PathBuf>,
     /// Get credentials from `docker-credential-<NAME> get` (ecr-login, gcloud, acr-env ...).
@@ -178,6 +178,30 @@ pub struct UpstreamConfig {
     pub breaker_open_for: Duration,
 }
 
+/// A password from the config: never shown by `Debug`, so a logged config leaks nothing.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_owned())
+    }
+}
+
 /// Credentials for the repositories of one upstream under `repo_prefix`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,7 +209,7 @@ pub struct RepoCredentials {
     /// `team` matches `team` and `team/...`.
     pub repo_prefix: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub credential_helper: Option<String>,
     pub docker_config: Option<PathBuf>,
@@ -695,6 +719,17 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_output() {
+        let c = Config::parse(
+            "default_upstream = \"a\"\n[upstreams.a]\nurls = [\"https://a.example\"]\nusername = \"u\"\npassword = \"hunter2\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.upstreams["a"].password.as_deref(), Some("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
