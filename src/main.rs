@@ -197,9 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "nothing bounds the cache: set cache.max_size, min_free_disk or max_age, or pass --max-size"
             );
             let pinned = lifecycle::pinned(&config, &store, &index);
-            let free = rustix::fs::statvfs(&config.data_dir)
-                .ok()
-                .map(|f| f.f_bavail.saturating_mul(f.f_frsize));
+            let free = store.free_space().map(|(free, _)| free);
             let plan = lifecycle::plan(
                 &store,
                 &index,
@@ -298,19 +296,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stats { data } => {
             let config = data.config()?;
-            let (mut bytes, mut objects) = (0u64, 0u64);
-            let mut stack = vec![config.data_dir.join("blobs")];
-            while let Some(dir) = stack.pop() {
-                for e in std::fs::read_dir(&dir)?.flatten() {
-                    let m = e.metadata()?;
-                    if m.is_dir() {
-                        stack.push(e.path());
-                    } else {
-                        bytes += m.len();
-                        objects += 1;
-                    }
-                }
-            }
+            let files = regcache::cache::blobs::Store::view(&config.data_dir).files()?;
+            let (bytes, objects) = (files.iter().map(|f| f.size).sum::<u64>(), files.len());
             println!("data dir: {}", config.data_dir.display());
             println!("cached:   {objects} objects, {bytes} bytes");
             match scrape(config.listen) {
@@ -429,14 +416,11 @@ fn resolve(config: &Config, reference: &str, ns: Option<&str>) -> anyhow::Result
     let r: ImageRef = reference
         .parse()
         .with_context(|| format!("{reference:?} is not an image reference"))?;
-    // Docker's registry-mirror traffic carries no registry; every other client names it in the
-    // path (podman, skopeo) or in containerd's `ns`.
-    let path = if ns.is_some() || (!r.explicit_registry && r.registry == "docker.io") {
-        r.repo.to_string()
-    } else {
-        format!("{}/{}", r.registry, r.repo)
+    // containerd's ns carries the registry, so the path is the repository alone.
+    let name: Name = match ns {
+        Some(_) => r.repo.to_string().parse()?,
+        None => r.request_name(),
     };
-    let name: Name = path.parse()?;
     let route = regcache::proxy::Router::new(config)
         .route(&name, ns)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -59,28 +59,21 @@ impl Store {
         if removed > 0 {
             tracing::info!(removed, "removed temp files left by an earlier run");
         }
-        let store = Store {
+        Ok(Store::view(data_dir))
+    }
+
+    /// The store of a data dir as it is, for reading only: nothing created or cleaned (a
+    /// server may be running on it).
+    pub fn view(data_dir: &Path) -> Store {
+        Store {
             inner: Arc::new(Inner {
-                blobs,
-                tmp,
+                blobs: data_dir.join("blobs"),
+                tmp: data_dir.join("tmp"),
                 next_tmp: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
                 objects: AtomicU64::new(0),
             }),
-        };
-        // Count what an earlier run left, off the startup path. Files written from now on are
-        // counted by `commit` instead, so the walk skips anything newer than this.
-        let opened = std::time::SystemTime::now();
-        let counting = store.clone();
-        std::thread::Builder::new()
-            .name("regcache-du".into())
-            .spawn(move || {
-                let (bytes, objects) = disk_usage(&counting.inner.blobs, opened);
-                counting.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
-                counting.inner.objects.fetch_add(objects, Ordering::Relaxed);
-                tracing::info!(bytes, objects, "cache content counted");
-            })?;
-        Ok(store)
+        }
     }
 
     /// Whether the data dir takes a write (a temp file created, written and removed).
@@ -90,6 +83,19 @@ impl Store {
         let result = File::create(&path).and_then(|mut f| f.write_all(b"ok"));
         let _ = fs::remove_file(&path);
         result
+    }
+
+    /// Adds what an earlier run left to the usage counters: the `files` (from [`Store::files`])
+    /// last modified before `before`, when this run started committing (commits after that
+    /// count themselves).
+    pub fn count_existing(&self, files: &[StoredFile], before: std::time::SystemTime) {
+        let (bytes, objects) = files
+            .iter()
+            .filter(|f| f.modified < before)
+            .fold((0, 0), |(b, n), f| (b + f.size, n + 1));
+        self.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.inner.objects.fetch_add(objects, Ordering::Relaxed);
+        tracing::info!(bytes, objects, "cache content counted");
     }
 
     /// Committed bytes and objects (blobs and manifests) on disk.
@@ -216,31 +222,62 @@ impl Store {
     }
 }
 
-/// Bytes and files under `dir`, recursively, last modified before `before`.
-fn disk_usage(dir: &Path, before: std::time::SystemTime) -> (u64, u64) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return (0, 0);
-    };
-    let (mut bytes, mut files) = (0, 0);
-    for e in entries.flatten() {
-        match e.file_type() {
-            Ok(t) if t.is_dir() => {
-                let (b, f) = disk_usage(&e.path(), before);
-                bytes += b;
-                files += f;
-            }
-            Ok(t) if t.is_file() => {
-                if let Ok(m) = e.metadata()
-                    && m.modified().is_ok_and(|t| t < before)
-                {
-                    bytes += m.len();
-                    files += 1;
+/// A file under `blobs/`, as [`Store::files`] finds it.
+#[derive(Debug, Clone)]
+pub struct StoredFile {
+    pub path: PathBuf,
+    /// The digest its path names (`blobs/<algorithm>/<2 hex>/<hex>`); `None` for a stray.
+    pub digest: Option<Digest>,
+    pub size: u64,
+    pub modified: std::time::SystemTime,
+}
+
+impl Store {
+    /// Every committed file, with the digest its path names (blocking: walks the directory).
+    pub fn files(&self) -> io::Result<Vec<StoredFile>> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.inner.blobs.clone()];
+        while let Some(dir) = dirs.pop() {
+            for e in fs::read_dir(&dir)? {
+                let e = e?;
+                let t = e.file_type()?;
+                if t.is_dir() {
+                    dirs.push(e.path());
+                } else if t.is_file() {
+                    let m = e.metadata()?;
+                    let path = e.path();
+                    out.push(StoredFile {
+                        digest: self.digest_of(&path),
+                        size: m.len(),
+                        modified: m.modified().unwrap_or(std::time::UNIX_EPOCH),
+                        path,
+                    });
                 }
             }
-            _ => {}
         }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
     }
-    (bytes, files)
+
+    /// The digest a committed file's path names, the inverse of [`Store::path`].
+    fn digest_of(&self, path: &Path) -> Option<Digest> {
+        let rel = path.strip_prefix(&self.inner.blobs).ok()?;
+        let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+        let [alg, shard, hex] = parts.as_slice() else {
+            return None;
+        };
+        let d: Digest = format!("{alg}:{hex}").parse().ok()?;
+        (shard.len() == 2 && hex.starts_with(shard)).then_some(d)
+    }
+
+    /// Bytes free (for regcache's user) and total on the data dir's file system.
+    pub fn free_space(&self) -> Option<(u64, u64)> {
+        let fs = rustix::fs::statvfs(&self.inner.blobs).ok()?;
+        Some((
+            fs.f_bavail.saturating_mul(fs.f_frsize),
+            fs.f_blocks.saturating_mul(fs.f_frsize),
+        ))
+    }
 }
 
 /// Runs blocking file work off the async threads.
@@ -280,13 +317,9 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
         let reopened = Store::open(dir.path()).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        // the reopened store counts what is there (in the background)
-        for _ in 0..100 {
-            if reopened.usage() == (5, 1) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        // the reopened store counts what an earlier run left
+        let opened = std::time::SystemTime::now();
+        reopened.count_existing(&reopened.files().unwrap(), opened);
         assert_eq!(reopened.usage(), (5, 1));
         reopened.remove(&d).await.unwrap();
         assert_eq!(reopened.usage(), (0, 0));

@@ -119,25 +119,28 @@ const WINDOW_BYTES: usize = (PIPELINE_BATCHES + 2) * WRITE_BATCH;
 /// The tail of a fill's received bytes: `(offset, chunk)` in order, about [`WINDOW_BYTES`].
 #[derive(Default)]
 struct Window {
-    chunks: Mutex<std::collections::VecDeque<(u64, Bytes)>>,
+    /// The chunks, and how many bytes they hold.
+    chunks: Mutex<(std::collections::VecDeque<(u64, Bytes)>, usize)>,
 }
 
 impl Window {
     fn push(&self, offset: u64, chunk: Bytes) {
-        let mut c = self.chunks.lock().expect("window");
+        let mut guard = self.chunks.lock().expect("window");
+        let (c, held) = &mut *guard;
+        *held += chunk.len();
         c.push_back((offset, chunk));
-        let mut held: usize = c.iter().map(|(_, b)| b.len()).sum();
-        while held > WINDOW_BYTES && c.len() > 1 {
+        while *held > WINDOW_BYTES && c.len() > 1 {
             if let Some((_, b)) = c.pop_front() {
-                held -= b.len();
+                *held -= b.len();
             }
         }
     }
 
     /// Bytes `pos..limit` (or a prefix of them) if they are still in memory.
     fn get(&self, pos: u64, limit: u64) -> Option<Bytes> {
-        let c = self.chunks.lock().expect("window");
-        let (off, chunk) = c
+        let guard = self.chunks.lock().expect("window");
+        let (off, chunk) = guard
+            .0
             .iter()
             .find(|(off, b)| *off <= pos && pos < off + b.len() as u64)?;
         let start = (pos - off) as usize;

@@ -204,6 +204,11 @@ impl Index {
                 self.forget_for(&up, &d)?;
             }
         }
+        self.forget_access(digest)
+    }
+
+    /// Drops a digest's last-use record.
+    pub fn forget_access(&self, digest: &Digest) -> sled::Result<()> {
         self.access.remove(digest.to_string().as_bytes())?;
         Ok(())
     }

@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -67,6 +66,8 @@ impl Policy {
 #[derive(Debug, Clone)]
 pub struct Victim {
     pub digest: Digest,
+    /// The upstreams whose index entries name it.
+    pub holders: Vec<String>,
     pub size: u64,
     pub last_use_ms: u64,
     pub reason: &'static str,
@@ -98,13 +99,11 @@ pub fn plan(
     now: SystemTime,
 ) -> io::Result<Plan> {
     let holders = index.holders().map_err(io::Error::other)?;
-    let mut files = Vec::new();
-    walk(store.blobs_dir(), &mut files)?;
     let mut candidates = Vec::new();
     let mut usage = 0;
-    for (path, size, mtime) in files {
-        usage += size;
-        let Some(digest) = digest_of(store, &path) else {
+    for file in store.files()? {
+        usage += file.size;
+        let (Some(digest), size, mtime) = (file.digest, file.size, file.modified) else {
             continue;
         };
         if pinned.contains(&digest) {
@@ -182,6 +181,7 @@ pub fn plan(
 fn victim(c: &Candidate, reason: &'static str) -> Victim {
     Victim {
         digest: c.digest.clone(),
+        holders: c.holders.clone(),
         size: c.size,
         last_use_ms: c.last_use_ms,
         reason,
@@ -193,37 +193,14 @@ pub async fn execute(plan: &Plan, store: &Store, index: &Index) -> io::Result<u6
     let mut removed = 0;
     for v in &plan.victims {
         store.remove(&v.digest).await?;
-        index.forget(&v.digest).map_err(io::Error::other)?;
+        // The plan knows who holds it: no scan of the index per object.
+        for up in &v.holders {
+            index.forget_for(up, &v.digest).map_err(io::Error::other)?;
+        }
+        index.forget_access(&v.digest).map_err(io::Error::other)?;
         removed += 1;
     }
     Ok(removed)
-}
-
-fn digest_of(store: &Store, path: &std::path::Path) -> Option<Digest> {
-    let rel = path.strip_prefix(store.blobs_dir()).ok()?;
-    let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
-    let [alg, _, hex] = parts.as_slice() else {
-        return None;
-    };
-    format!("{alg}:{hex}").parse().ok()
-}
-
-fn walk(dir: &std::path::Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) -> io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let t = e.file_type()?;
-        if t.is_dir() {
-            walk(&e.path(), out)?;
-        } else if t.is_file() {
-            let m = e.metadata()?;
-            out.push((
-                e.path(),
-                m.len(),
-                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl Policy {
@@ -252,12 +229,7 @@ pub fn pinned(config: &crate::config::Config, store: &Store, index: &Index) -> H
         let Ok(r) = pin.parse::<crate::oci::image_ref::ImageRef>() else {
             continue;
         };
-        let path = if !r.explicit_registry && r.registry == crate::oci::image_ref::DOCKER_HUB {
-            r.repo.to_string()
-        } else {
-            format!("{}/{}", r.registry, r.repo)
-        };
-        let Ok(name) = path.parse() else { continue };
+        let name = r.request_name();
         let Ok(route) = router.route(&name, None) else {
             continue;
         };

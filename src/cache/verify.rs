@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 
-use super::blobs::Store;
+use super::blobs::{Store, StoredFile};
 use super::index::Index;
 use crate::oci::digest::{Algorithm, Digest, Verifier};
 
@@ -53,30 +53,6 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// The digest a committed file's path names: `blobs/<algorithm>/<2 hex>/<hex>`.
-fn digest_of_path(blobs: &Path, path: &Path) -> Option<Digest> {
-    let rel = path.strip_prefix(blobs).ok()?;
-    let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
-    let [alg, shard, hex] = parts.as_slice() else {
-        return None;
-    };
-    let d: Digest = format!("{alg}:{hex}").parse().ok()?;
-    (hex.starts_with(shard) && shard.len() == 2).then_some(d)
-}
-
-fn files_below(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        let t = e.file_type()?;
-        if t.is_dir() {
-            files_below(&e.path(), out)?;
-        } else {
-            out.push(e.path());
-        }
-    }
-    Ok(())
-}
-
 fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u64)> {
     let mut f = File::open(path)?;
     let mut v = Verifier::new(algorithm);
@@ -99,12 +75,9 @@ pub fn verify(store: &Store, index: &Index, repair: bool) -> io::Result<Report> 
         repaired: repair,
         ..Report::default()
     };
-    let blobs = store.blobs_dir();
-    let mut files = Vec::new();
-    files_below(blobs, &mut files)?;
-    files.sort();
-    for path in files {
-        let Some(digest) = digest_of_path(blobs, &path) else {
+    for file in store.files()? {
+        let path = file.path;
+        let Some(digest) = file.digest else {
             if repair {
                 fs::remove_file(&path)?;
             }
@@ -148,29 +121,34 @@ pub fn drop_dangling(store: &Store, index: &Index, remove: bool) -> io::Result<u
 /// Start-up reconciliation after a crash: drops index entries whose file is gone, and hashes
 /// every file no upstream's index names (a crash between commit and indexing leaves one):
 /// a good one stays and is indexed again when an upstream confirms it, a bad one is removed.
+/// `files` is the store's listing ([`Store::files`]); the bad ones are taken out of it.
 /// Returns (entries dropped, unindexed files kept, files removed).
-pub fn reconcile(store: &Store, index: &Index) -> io::Result<(u64, u64, u64)> {
+pub fn reconcile(
+    store: &Store,
+    index: &Index,
+    files: &mut Vec<StoredFile>,
+) -> io::Result<(u64, u64, u64)> {
     let dropped = drop_dangling(store, index, true)?;
     let known = index.holders().map_err(io::Error::other)?;
-    let blobs = store.blobs_dir();
-    let mut files = Vec::new();
-    files_below(blobs, &mut files)?;
     let (mut kept, mut removed) = (0, 0);
-    for path in files {
-        let Some(digest) = digest_of_path(blobs, &path) else {
+    let mut bad = Vec::new();
+    for file in files.iter() {
+        let (path, Some(digest)) = (&file.path, &file.digest) else {
             continue;
         };
-        if known.contains_key(&digest) {
+        if known.contains_key(digest) {
             continue;
         }
-        let (actual, _) = hash_file(&path, digest.algorithm())?;
-        if actual == digest {
+        let (actual, _) = hash_file(path, digest.algorithm())?;
+        if &actual == digest {
             kept += 1;
         } else {
-            fs::remove_file(&path)?;
+            fs::remove_file(path)?;
+            bad.push(path.clone());
             removed += 1;
         }
     }
+    files.retain(|f| !bad.contains(&f.path));
     Ok((dropped, kept, removed))
 }
 
@@ -232,7 +210,14 @@ mod tests {
         store.write_small(&broken_d, broken).await.unwrap();
         fs::write(store.path(&broken_d), b"garbage").unwrap();
         index.put_blob("docker.io", &gone, 1).unwrap();
-        assert_eq!(reconcile(&store, &index).unwrap(), (1, 1, 1));
+        let mut files = store.files().unwrap();
+        let listed = files.len();
+        assert_eq!(reconcile(&store, &index, &mut files).unwrap(), (1, 1, 1));
+        assert_eq!(
+            files.len(),
+            listed - 1,
+            "the removed file leaves the listing"
+        );
         assert!(store.path(&orphan_d).exists());
         assert!(!store.path(&broken_d).exists());
         assert!(

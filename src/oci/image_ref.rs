@@ -131,6 +131,19 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
+    /// The name a client sends regcache for this image: Docker Hub images as a registry
+    /// mirror sends them (no registry in the path), any other with its registry as the
+    /// path prefix (`ghcr.io/org/app`).
+    pub fn request_name(&self) -> Name {
+        let path = if !self.explicit_registry && self.registry == DOCKER_HUB {
+            self.repo.to_string()
+        } else {
+            format!("{}/{}", self.registry, self.repo)
+        };
+        path.parse()
+            .expect("a normalised reference is a valid request name")
+    }
+
     /// What to ask the registry for: the digest wins over the tag; no tag means `latest`.
     pub fn reference(&self) -> String {
         match (&self.digest, &self.tag) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{ClientInfo, Proxy};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
-use crate::oci::image_ref::{DOCKER_HUB, ImageRef, Name};
+use crate::oci::image_ref::ImageRef;
 use crate::oci::media_type::UPSTREAM_ACCEPT;
 use crate::oci::reference::{Reference, Tag};
 
@@ -34,14 +34,7 @@ impl Proxy {
         let r: ImageRef = image
             .parse()
             .map_err(|e: crate::oci::reference::NameError| Error::NameInvalid(e.to_string()))?;
-        let path = if !r.explicit_registry && r.registry == DOCKER_HUB {
-            r.repo.to_string()
-        } else {
-            format!("{}/{}", r.registry, r.repo)
-        };
-        let name: Name = path
-            .parse()
-            .map_err(|e: crate::oci::reference::NameError| Error::NameInvalid(e.to_string()))?;
+        let name = r.request_name();
         let t = self.resolve(&name, None)?;
         let client = ClientInfo {
             accept: UPSTREAM_ACCEPT.to_owned(),

@@ -151,8 +151,7 @@ impl Proxy {
     /// `min_free_disk` (at least [`PASSTHROUGH_FLOOR`]).
     fn disk_unavailable(&self) -> Option<String> {
         let floor = self.config.cache.min_free_disk.max(PASSTHROUGH_FLOOR);
-        let fs = rustix::fs::statvfs(&self.config.data_dir).ok()?;
-        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        let (free, _) = self.store.free_space()?;
         (free < floor).then(|| format!("{free} bytes free on the data dir, below {floor}"))
     }
 

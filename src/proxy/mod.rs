@@ -153,15 +153,24 @@ impl Proxy {
             source,
         })?;
         let index = Index::open(&data.join("index"))?;
-        // After a crash the index may name files that never made it to disk, and files may
-        // lack their entry: reconcile in the background (until then a missing file is dropped
-        // when asked for, and an unindexed one is served once an upstream confirms it).
+        // One walk of the store, off the start-up path: reconcile the index with the files
+        // (after a crash the index may name files that never made it to disk, and files may
+        // lack their entry; until then a missing file is dropped when asked for, and an
+        // unindexed one is served once an upstream confirms it), then count what is there.
         {
             let (store, index) = (store.clone(), index.clone());
+            let opened = std::time::SystemTime::now();
             std::thread::Builder::new()
-                .name("regcache-reconcile".into())
-                .spawn(
-                    move || match crate::cache::verify::reconcile(&store, &index) {
+                .name("regcache-startup".into())
+                .spawn(move || {
+                    let mut files = match store.files() {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "listing the cache failed");
+                            return;
+                        }
+                    };
+                    match crate::cache::verify::reconcile(&store, &index, &mut files) {
                         Ok((0, 0, 0)) => {}
                         Ok((dropped, kept, removed)) => tracing::info!(
                             dropped_entries = dropped,
@@ -170,8 +179,9 @@ impl Proxy {
                             "index reconciled with the files"
                         ),
                         Err(e) => tracing::warn!(error = %e, "reconciling the index failed"),
-                    },
-                )
+                    }
+                    store.count_existing(&files, opened);
+                })
                 .map_err(|source| StartError::DataDir {
                     path: data.clone(),
                     source,
@@ -246,17 +256,9 @@ impl Proxy {
         let (bytes, objects) = self.store.usage();
         self.metrics.cache_bytes.set(bytes as i64);
         self.metrics.cache_objects.set(objects as i64);
-        match rustix::fs::statvfs(&self.config.data_dir) {
-            Ok(fs) => {
-                let block = fs.f_frsize;
-                self.metrics
-                    .disk_free
-                    .set((fs.f_bavail.saturating_mul(block)) as i64);
-                self.metrics
-                    .disk_size
-                    .set((fs.f_blocks.saturating_mul(block)) as i64);
-            }
-            Err(e) => tracing::warn!(error = %e, "statvfs on the data dir failed"),
+        if let Some((free, total)) = self.store.free_space() {
+            self.metrics.disk_free.set(free as i64);
+            self.metrics.disk_size.set(total as i64);
         }
         self.metrics.render()
     }
@@ -308,9 +310,7 @@ impl Proxy {
         let this = Arc::clone(self);
         let plan = tokio::task::spawn_blocking(move || {
             let pinned = lifecycle::pinned(&this.config, &this.store, &this.index);
-            let free = rustix::fs::statvfs(&this.config.data_dir)
-                .ok()
-                .map(|f| f.f_bavail.saturating_mul(f.f_frsize));
+            let free = this.store.free_space().map(|(free, _)| free);
             lifecycle::plan(
                 &this.store,
                 &this.index,
