@@ -1,0 +1,147 @@
+//! End to end with podman: a private podman (root, vfs, see [`Podman`]) whose only
+//! registries.conf is `deploy/clients/registries.conf` pulls through regcache from real
+//! upstreams (Debian's `docker-registry`) behind meters: a short name resolved through
+//! `unqualified-search-registries` to docker.io, and a ghcr.io image (one platform of an
+//! index) through the path-prefix mirror. Each test checks podman stored the pushed digests
+//! and that a second pull by a fresh podman costs upstream nothing.
+
+mod common;
+
+use std::time::Instant;
+
+use common::clients::{Podman, asked, setup};
+use common::image::{self, DOCKER_LIST, DOCKER_V2};
+use common::{Image, Layer, Meter, Regcache, Registry};
+
+/// Checks what podman says about a pulled image against the pushed `img`; `digest` is the
+/// manifest digest podman records (an index's when it pulled through one).
+async fn check_pulled(podman: &Podman, reference: &str, img: &Image, digest: &str) {
+    let inspect = podman.inspect(reference).await;
+    let config = image::sha256(&img.config);
+    assert_eq!(
+        inspect["Id"],
+        &config[7..],
+        "{reference}: the image ID is the pushed config's digest"
+    );
+    assert_eq!(inspect["Digest"], digest, "{reference}: {inspect}");
+    let diff_ids: Vec<String> =
+        serde_json::from_value(inspect["RootFS"]["Layers"].clone()).unwrap();
+    let want: Vec<String> = img.layers.iter().map(|l| l.diff_id.clone()).collect();
+    assert_eq!(diff_ids, want, "{reference}: the pushed layers, unpacked");
+    // The manifest podman keeps names the pushed layer blobs.
+    assert_eq!(
+        podman.stored_manifest(&config[7..], &img.digest()),
+        img.manifest,
+        "{reference}: the pushed manifest, byte-exact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_resolves_a_short_name_to_docker_io_through_the_mirror() {
+    let s = setup(|_| {}).await;
+    let img = Image::simple(600, 2);
+    s.registry.push("library/rcpodman", "latest", &img).await;
+    let addr = s.cache.addr.to_string();
+    let podman = Podman::new(&addr);
+
+    // `podman pull alpine`: no registry, no tag.
+    let t = Instant::now();
+    podman.pull("rcpodman", &[]).await;
+    eprintln!("first podman pull: {:?}", t.elapsed());
+    let inspect = podman.inspect("rcpodman").await;
+    assert_eq!(
+        inspect["RepoTags"],
+        serde_json::json!(["docker.io/library/rcpodman:latest"]),
+        "the short name resolved to docker.io/library"
+    );
+    check_pulled(&podman, "rcpodman", &img, &img.digest()).await;
+    assert!(
+        asked(&s.meter, "/v2/library/rcpodman/manifests/latest"),
+        "the pull went through regcache"
+    );
+    for blob in img.blobs() {
+        let digest = image::sha256(&blob);
+        assert_eq!(s.meter.count("GET", &digest), 1, "{digest} once");
+    }
+    assert_eq!(s.meter.blob_gets(), 3, "config + 2 layers");
+
+    // A fresh podman (new storage root): everything from regcache.
+    s.meter.reset();
+    let fresh = Podman::new(&addr);
+    let t = Instant::now();
+    fresh.pull("rcpodman", &[]).await;
+    eprintln!("second podman pull: {:?}", t.elapsed());
+    check_pulled(&fresh, "rcpodman", &img, &img.digest()).await;
+    assert_eq!(s.meter.blob_gets(), 0, "fresh podman: no upstream blob GET");
+    assert_eq!(s.meter.total(), 0, "fresh podman: nothing upstream at all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_one_platform_of_a_ghcr_io_image_through_the_path_prefix_mirror() {
+    // One regcache for both registries, as registries.conf sets it up; Docker Hub's upstream
+    // is a registry of its own whose meter must see nothing.
+    let hub = Registry::start().await;
+    let hub_meter = Meter::start(hub.addr).await;
+    let ghcr = Registry::start().await;
+    let ghcr_meter = Meter::start(ghcr.addr).await;
+    let ghcr_url = ghcr_meter.url();
+    let cache = Regcache::start(&hub_meter.url(), |c| {
+        c.upstreams.insert(
+            "ghcr.io".to_owned(),
+            regcache::config::UpstreamConfig::with_url(&ghcr_url),
+        );
+    })
+    .await;
+    let amd = Image::new(DOCKER_V2, "amd64", vec![Layer::new(610, 20_000)]);
+    let arm = Image::new(
+        DOCKER_V2,
+        "arm64",
+        vec![Layer::new(611, 20_000), Layer::new(612, 5_000)],
+    );
+    let list = Image::index(DOCKER_LIST, vec![amd.clone(), arm.clone()]);
+    ghcr.push("owner/rcpod", "1.0", &list).await;
+    let addr = cache.addr.to_string();
+    let reference = "ghcr.io/owner/rcpod:1.0";
+
+    let podman = Podman::new(&addr);
+    podman.pull(reference, &["--arch", "arm64"]).await;
+    check_pulled(&podman, reference, &arm, &list.digest()).await;
+    assert!(asked(&ghcr_meter, "/v2/owner/rcpod/manifests/1.0"));
+    assert_eq!(ghcr_meter.count("GET", &arm.digest()), 1);
+    for blob in arm.blobs() {
+        let digest = image::sha256(&blob);
+        assert_eq!(ghcr_meter.count("GET", &digest), 1, "{digest} once");
+    }
+    assert!(
+        !asked(&ghcr_meter, &amd.digest()),
+        "the amd64 manifest is never asked of upstream"
+    );
+    for blob in amd.blobs() {
+        let digest = image::sha256(&blob);
+        assert!(
+            !asked(&ghcr_meter, &digest),
+            "amd64 blob {digest} never asked"
+        );
+    }
+    assert_eq!(ghcr_meter.blob_gets(), 3, "arm64 config + 2 layers");
+    assert_eq!(
+        hub_meter.total(),
+        0,
+        "nothing of ghcr.io went to Docker Hub"
+    );
+
+    ghcr_meter.reset();
+    let fresh = Podman::new(&addr);
+    fresh.pull(reference, &["--arch", "arm64"]).await;
+    check_pulled(&fresh, reference, &arm, &list.digest()).await;
+    assert_eq!(
+        ghcr_meter.blob_gets(),
+        0,
+        "fresh podman: no upstream blob GET"
+    );
+    assert_eq!(
+        ghcr_meter.total(),
+        0,
+        "fresh podman: nothing upstream at all"
+    );
+}
