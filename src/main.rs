@@ -8,11 +8,23 @@ use clap::{Parser, Subcommand};
 use regcache::Config;
 use regcache::config::LogFormat;
 
+/// `regcache --version`: the crate version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("REGCACHE_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "regcache",
-    version,
-    about = "A caching pull-through proxy for container registries"
+    version = VERSION,
+    about = "A caching pull-through proxy for container registries",
+    after_help = "Configuration: flags > REGCACHE_* environment variables > the config file > \
+                  defaults. Any key can be set by a variable: REGCACHE_LISTEN, \
+                  REGCACHE_CACHE__MAX_SIZE=200GiB, REGCACHE_UPSTREAMS__DOCKER_IO__USERNAME \
+                  (`__` between levels). `regcache check-config` shows what is wrong and where."
 )]
 struct Cli {
     /// Log format (overrides log.format in the config).
@@ -26,10 +38,25 @@ struct Cli {
 enum Command {
     /// Serve the registry mirror (the embedded default config unless --config is given).
     Serve(ServeArgs),
-    /// Validate a config file and print every problem found.
+    /// Check a configuration (the file, or the embedded default, with REGCACHE_* variables
+    /// applied) and explain every problem: key path, where it was set, a hint.
     CheckConfig {
-        /// The file to check.
-        file: PathBuf,
+        /// The file to check; without it, the embedded default.
+        #[arg(env = "REGCACHE_CONFIG")]
+        file: Option<PathBuf>,
+    },
+    /// Ask a running server whether it is alive (`/healthz`) or ready (`/readyz`); exits
+    /// non-zero if not. For container health checks, where there is no curl.
+    Health {
+        /// Config file naming the listen address; without it the embedded default is used.
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The server's address (overrides the config's `listen`).
+        #[arg(long, value_name = "ADDR")]
+        addr: Option<std::net::SocketAddr>,
+        /// Ask `/readyz` (index and data dir usable) instead of `/healthz`.
+        #[arg(long)]
+        ready: bool,
     },
     /// Re-hash every cached object against its digest and check the index against the files
     /// (on a stopped cache's data dir). Exits non-zero if problems remain.
@@ -89,7 +116,7 @@ enum Command {
     /// Show where an image reference goes: upstream, URL, repository, reference, and why.
     Resolve {
         /// Config file (TOML); without it the embedded default is used.
-        #[arg(long, short)]
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
         /// containerd's `ns` parameter, as a mirror request from containerd carries it.
         #[arg(long)]
@@ -103,7 +130,7 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Config file (TOML); without it the embedded default is used.
-    #[arg(long, short)]
+    #[arg(long, short, env = "REGCACHE_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:5000.
     #[arg(long)]
@@ -120,7 +147,7 @@ struct ServeArgs {
 #[derive(clap::Args)]
 struct DataArgs {
     /// Config file (TOML) naming the data dir; without it the embedded default is used.
-    #[arg(long, short)]
+    #[arg(long, short, env = "REGCACHE_CONFIG")]
     config: Option<PathBuf>,
     /// The data dir (overrides the config).
     #[arg(long)]
@@ -130,10 +157,7 @@ struct DataArgs {
 impl DataArgs {
     /// The config with the data dir override applied.
     fn config(&self) -> anyhow::Result<Config> {
-        let mut config = match &self.config {
-            Some(path) => Config::load(path)?,
-            None => Config::embedded(),
-        };
+        let mut config = Config::load(self.config.as_deref())?;
         if let Some(d) = &self.data_dir {
             config.data_dir = d.clone();
         }
@@ -171,13 +195,54 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { file } => {
-            let config = Config::load(&file)?;
-            println!(
-                "{}: ok ({} upstreams, default {})",
-                file.display(),
-                config.upstreams.len(),
-                config.default_upstream
-            );
+            let config = Config::load(file.as_deref())?;
+            let origin = file.map_or("<embedded>".to_owned(), |f| f.display().to_string());
+            let vars: Vec<String> = std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .filter(|k| k.starts_with(regcache::config::ENV_PREFIX) && k != "REGCACHE_CONFIG")
+                .collect();
+            println!("{origin}: ok");
+            if !vars.is_empty() {
+                println!("  environment: {}", vars.join(", "));
+            }
+            println!("  listen:      {}", config.listen);
+            println!("  data_dir:    {}", config.data_dir.display());
+            for (name, u) in &config.upstreams {
+                let default = if *name == config.default_upstream {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!("  upstream:    {name}{default} -> {}", u.urls.join(", "));
+            }
+            Ok(())
+        }
+        Command::Health {
+            config,
+            addr,
+            ready,
+        } => {
+            let addr = match addr {
+                Some(a) => a,
+                None => {
+                    let mut a = Config::load(config.as_deref())?.listen;
+                    // A wildcard listener is reached on loopback.
+                    if a.ip().is_unspecified() {
+                        a.set_ip(if a.is_ipv4() {
+                            std::net::Ipv4Addr::LOCALHOST.into()
+                        } else {
+                            std::net::Ipv6Addr::LOCALHOST.into()
+                        });
+                    }
+                    a
+                }
+            };
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let (status, body) =
+                local_request(addr, "GET", path, std::time::Duration::from_secs(5))
+                    .with_context(|| format!("GET http://{addr}{path}"))?;
+            anyhow::ensure!(status == 200, "{path} at {addr}: {status} {}", body.trim());
+            println!("{path} at {addr}: {}", body.trim());
             Ok(())
         }
         Command::Gc {
@@ -375,18 +440,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ns,
             reference,
         } => {
-            let config = match &config {
-                Some(path) => Config::load(path)?,
-                None => Config::embedded(),
-            };
+            let config = Config::load(config.as_deref())?;
             print!("{}", resolve(&config, &reference, ns.as_deref())?);
             Ok(())
         }
         Command::Serve(args) => {
-            let mut config = match &args.config {
-                Some(path) => Config::load(path)?,
-                None => Config::embedded(),
-            };
+            let mut config = Config::load(args.config.as_deref())?;
             if let Some(l) = args.listen {
                 config.listen = l;
             }

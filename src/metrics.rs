@@ -214,9 +214,11 @@ impl Metrics {
         let build = gauge_vec(
             "regcache_build_info",
             "Always 1; labels say which build is running.",
-            &["version"],
+            &["version", "commit"],
         );
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("REGCACHE_GIT_COMMIT")])
+            .set(1);
         #[cfg(target_os = "linux")]
         m.registry
             .register(Box::new(
@@ -299,7 +301,7 @@ mod tests {
         assert!(text.contains(
             "regcache_cache_lookups_total{kind=\"blob\",result=\"hit\",upstream=\"docker.io\"} 1"
         ));
-        assert!(text.contains("regcache_build_info{version="));
+        assert!(text.contains("regcache_build_info{commit="));
         assert_eq!(
             m.sample("regcache_cache_lookups_total", &[("result", "hit")]),
             1.0

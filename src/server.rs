@@ -101,6 +101,7 @@ impl Server {
             proxy,
         } = self;
         tracing::info!(addr = %listener.local_addr().expect("bound"), data_dir = %proxy.config().data_dir.display(), "regcache listening");
+        notify_systemd("READY=1\nSTATUS=serving");
         let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
         if let Some(l) = metrics_listener {
             tracing::info!(addr = %l.local_addr().expect("bound"), "metrics listening");
@@ -153,6 +154,7 @@ impl Server {
             });
         }
         drop(listener);
+        notify_systemd("STOPPING=1\nSTATUS=draining in-flight requests");
         let _ = stop_metrics.send(true);
         tracing::info!("shutting down; waiting for in-flight requests");
         let started = tokio::time::Instant::now();
@@ -177,6 +179,36 @@ impl Server {
 /// Binds and serves `config` until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     Server::bind(config).await?.serve(shutdown).await;
+    Ok(())
+}
+
+/// Tells systemd about the service's state (`Type=notify` units: `READY=1` once the listeners
+/// are bound, `STOPPING=1` when draining starts). A no-op unless systemd set `NOTIFY_SOCKET`.
+fn notify_systemd(state: &str) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    if let Err(e) = send_notify(&socket, state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn send_notify(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    // `@name` is a socket in the abstract namespace.
+    let addr = match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+        None => std::os::unix::net::SocketAddr::from_pathname(socket)?,
+    };
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_notify(_socket: &std::ffi::OsStr, _state: &str) -> std::io::Result<()> {
     Ok(())
 }
 

@@ -1,10 +1,30 @@
-//! The command line: `check-config` and `resolve`, run as the real binary.
+//! The command line, run as the real binary: `check-config`, `resolve`, `health`, `--version`,
+//! and where `serve` takes its settings from (flag > environment > file > default).
 
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+/// The binary with no `REGCACHE_*` variables from the test's own environment.
+fn binary() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_regcache"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("REGCACHE_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
 
 fn regcache(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_regcache"))
+    regcache_env(args, &[])
+}
+
+fn regcache_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = binary()
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = format!(
@@ -116,7 +136,13 @@ fn check_config_reports_every_problem() {
     std::fs::write(&good, CONFIG).unwrap();
     let (ok, out) = regcache(&["check-config", good.to_str().unwrap()]);
     assert!(ok, "{out}");
-    assert!(out.contains("ok (3 upstreams, default docker.io)"), "{out}");
+    for w in [
+        "good.toml: ok",
+        "upstream:    docker.io (default) -> https://registry-1.docker.io",
+        "upstream:    corp -> https://dockerhub.example.com:5100",
+    ] {
+        assert!(out.contains(w), "missing {w:?} in:\n{out}");
+    }
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(
@@ -135,4 +161,216 @@ fn check_config_reports_every_problem() {
         concat!(env!("CARGO_MANIFEST_DIR"), "/config/regcache.toml"),
     ]);
     assert!(ok, "{out}");
+}
+
+#[test]
+fn check_config_explains_typos_bad_values_and_variables_with_key_path_and_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("typo.toml");
+    std::fs::write(
+        &cfg,
+        "[cache]\ntag_tll = \"5m\"\nmax_size = \"lots\"\n[upstreams.\"docker.io\"]\nurls = [\"https://registry-1.docker.io\"]\nbreaker_open_for = \"15 fortnights\"\n",
+    )
+    .unwrap();
+    let (ok, out) = regcache_env(
+        &["check-config", cfg.to_str().unwrap()],
+        &[("REGCACHE_CACHE__OFFLINE", "maybe")],
+    );
+    assert!(!ok, "{out}");
+    for w in [
+        "cache.tag_tll: unknown key; did you mean `tag_ttl`?",
+        "cache.max_size: ",
+        "hint: a number of bytes or a number with a unit: \"512MiB\"",
+        "upstreams.\"docker.io\".breaker_open_for: ",
+        "hint: a number with a unit: \"30s\", \"5m\"",
+        "cache.offline: ",
+        "(set by REGCACHE_CACHE__OFFLINE)",
+        "hint: true or false",
+    ] {
+        assert!(out.contains(w), "missing {w:?} in:\n{out}");
+    }
+
+    // Without a file: the embedded default, with variables applied and named.
+    let (ok, out) = regcache_env(
+        &["check-config"],
+        &[
+            ("REGCACHE_LISTEN", "0.0.0.0:5123"),
+            ("REGCACHE_UPSTREAMS__DOCKER_IO__URLS", "http://127.0.0.1:1"),
+        ],
+    );
+    assert!(ok, "{out}");
+    for w in [
+        "<embedded>: ok",
+        "environment: ",
+        "REGCACHE_LISTEN",
+        "listen:      0.0.0.0:5123",
+        "upstream:    docker.io (default) -> http://127.0.0.1:1",
+    ] {
+        assert!(out.contains(w), "missing {w:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn version_names_the_git_commit_it_was_built_from() {
+    let (ok, out) = regcache(&["--version"]);
+    assert!(ok, "{out}");
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git (Debian package git) runs");
+    assert!(git.status.success(), "the tests run in a git checkout");
+    let commit = String::from_utf8_lossy(&git.stdout).trim().to_owned();
+    assert_eq!(
+        out.trim(),
+        format!("regcache {} ({commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// A `regcache serve` process, killed on drop.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(args: &[&str], env: &[(&str, &str)]) -> Served {
+    Served(
+        binary()
+            .arg("serve")
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits until `regcache health --addr` succeeds against `port`.
+fn healthy(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let (ok, _) = regcache(&["health", "--addr", &format!("127.0.0.1:{port}")]);
+        if ok {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn serve_takes_flags_over_environment_over_file_over_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let [file_port, env_port, flag_port] = [0; 3].map(|_| common::free_port());
+    let cfg = dir.path().join("regcache.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{file_port}\"\ndata_dir = \"{}\"\n[upstreams.\"docker.io\"]\nurls = [\"http://127.0.0.1:1\"]\n",
+            dir.path().join("from-file").display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let env_data = dir.path().join("from-env");
+    let env_data = env_data.to_str().unwrap();
+
+    // File alone.
+    let s = serve(&["--config", cfg], &[]);
+    assert!(healthy(file_port), "listening on the file's port");
+    drop(s);
+    assert!(dir.path().join("from-file/blobs").is_dir());
+
+    // The environment over the file (the config file named by a variable too).
+    let s = serve(
+        &[],
+        &[
+            ("REGCACHE_CONFIG", cfg),
+            ("REGCACHE_LISTEN", &format!("127.0.0.1:{env_port}")),
+            ("REGCACHE_DATA_DIR", env_data),
+        ],
+    );
+    assert!(healthy(env_port), "listening on the variable's port");
+    let (ok, out) = regcache_env(&["health", "--ready"], &[("REGCACHE_CONFIG", cfg)]);
+    assert!(!ok, "the file's port is not served: {out}");
+    drop(s);
+    assert!(dir.path().join("from-env/blobs").is_dir());
+
+    // A flag over the environment.
+    let s = serve(
+        &[
+            "--config",
+            cfg,
+            "--listen",
+            &format!("127.0.0.1:{flag_port}"),
+        ],
+        &[("REGCACHE_LISTEN", &format!("127.0.0.1:{env_port}"))],
+    );
+    assert!(healthy(flag_port), "listening on the flag's port");
+    let (ok, out) = regcache(&[
+        "health",
+        "--ready",
+        "--addr",
+        &format!("127.0.0.1:{flag_port}"),
+    ]);
+    assert!(ok && out.contains("/readyz"), "{out}");
+    drop(s);
+
+    // A bad variable stops `serve` with the key and the variable named.
+    let out = binary()
+        .args(["serve", "--config", cfg])
+        .env("REGCACHE_CACHE__TAG_TTL", "soon")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cache.tag_ttl") && err.contains("REGCACHE_CACHE__TAG_TTL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let port = common::free_port();
+    let s = serve(
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("a READY notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    // Ready means the listener is bound: the very next request is answered.
+    let (ok, out) = regcache(&["health", "--addr", &format!("127.0.0.1:{port}")]);
+    assert!(ok, "{out}");
+
+    let pid = s.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let n = socket.recv(&mut buf).expect("a STOPPING notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
 }

@@ -13,8 +13,11 @@ use serde::Deserialize;
 
 use crate::oci::reference::RepoName;
 
+mod sources;
+pub use sources::{ENV_NESTING, ENV_PREFIX, env_name};
+
 /// The embedded default configuration (also the commented reference for every key).
-pub const DEFAULT_TOML: &str = include_str!("../config/regcache.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/regcache.toml");
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 pub const DEFAULT_DATA_DIR: &str = "regcache-data";
@@ -118,7 +121,7 @@ pub struct CacheConfig {
     #[serde(default, with = "humantime_serde")]
     pub max_age: Option<Duration>,
     /// Images never evicted: manifest, config, layers, every platform of an index.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_one_or_many")]
     pub pin: Vec<String>,
     /// How often the size cap and ages are checked.
     #[serde(default = "d_gc_interval", with = "humantime_serde")]
@@ -129,9 +132,10 @@ pub struct CacheConfig {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Base URLs, tried in order (failover).
+    #[serde(deserialize_with = "de_one_or_many")]
     pub urls: Vec<String>,
     /// More registry host names that route here (for path prefixes and containerd's `ns`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_one_or_many")]
     pub hosts: Vec<String>,
     /// Namespace for one-component names; defaults to `library` for Docker Hub, none elsewhere.
     pub short_name_prefix: Option<String>,
@@ -341,25 +345,36 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 /// Parses "512", "64KiB", "1.5 GB", "200GiB" into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
-    };
-    Ok((num * mult as f64) as u64)
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size: {e}"))
+}
+
+/// A list, or one item alone (`urls = "https://a.example"`, as an environment variable
+/// most easily gives it).
+fn de_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct OneOrMany;
+    impl<'de> serde::de::Visitor<'de> for OneOrMany {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<String>, E> {
+            Ok(vec![s.to_owned()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(s) = seq.next_element()? {
+                v.push(s);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_any(OneOrMany)
 }
 
 /// Every problem found in a configuration, each with its key path.
@@ -396,31 +411,31 @@ pub enum LoadError {
 }
 
 impl Config {
-    /// The embedded default configuration.
+    /// The embedded default configuration, as it is (no environment).
     pub fn embedded() -> Config {
         Config::parse(DEFAULT_TOML, Path::new("<embedded>")).expect("embedded config is valid")
     }
 
-    /// Reads and validates a file.
-    pub fn load(path: &Path) -> Result<Config, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path)
+    /// The configuration a command runs with: the file (or, without one, the embedded
+    /// default) with this process's `REGCACHE_*` environment variables laid over it.
+    pub fn load(path: Option<&Path>) -> Result<Config, LoadError> {
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                sources::load(&text, path, env)
+            }
+            None => sources::load(DEFAULT_TOML, Path::new("<embedded>"), env),
+        }
     }
 
-    /// Parses and validates TOML text; `origin` names it in errors.
+    /// Parses and validates TOML text alone; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, LoadError> {
-        let config: Config = toml::from_str(text).map_err(|e| LoadError::Parse {
-            path: origin.to_owned(),
-            source: Box::new(e),
-        })?;
-        config.validate().map_err(|problems| LoadError::Invalid {
-            path: origin.to_owned(),
-            problems,
-        })?;
-        Ok(config)
+        sources::load(text, origin, std::iter::empty())
     }
 
     /// Checks everything serde cannot, reporting every problem at once.
@@ -735,7 +750,11 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         let err = Config::parse("listen_addr = \"x\"", Path::new("t.toml")).unwrap_err();
-        assert!(err.to_string().contains("unknown field"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("listen_addr: unknown key; did you mean `listen`?"),
+            "{err}"
+        );
     }
 
     #[test]
