@@ -217,7 +217,7 @@ fn dockerfile_agrees_with_the_kubernetes_config() {
     assert!(df.contains(&format!("EXPOSE {listen} {metrics}")));
     assert!(df.contains(&format!("REGCACHE_LISTEN=0.0.0.0:{listen}")));
     assert!(df.contains(&format!("REGCACHE_METRICS_LISTEN=0.0.0.0:{metrics}")));
-    assert!(df.contains(&format!("http://127.0.0.1:{listen}/healthz")));
+    assert!(df.contains(r#"CMD ["/usr/local/bin/regcache", "health"]"#));
     let data_dir = config["data_dir"].as_str().unwrap();
     assert!(df.contains(&format!("REGCACHE_DATA_DIR={data_dir}")));
     assert!(df.contains(&format!("VOLUME {data_dir}")));
@@ -263,13 +263,24 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The binary with no `REGCACHE_*` variables from this environment: they are config overrides,
+/// and `cargo test` passes the build script's `REGCACHE_GIT_COMMIT` on to tests.
+fn regcache() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcache"));
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("REGCACHE_") {
+            cmd.env_remove(var);
+        }
+    }
+    cmd
+}
+
 /// The binary accepts the Kubernetes config and answers the probe and scrape paths on the two
 /// ports, as the manifests expect.
 #[test]
 fn kubernetes_config_serves_the_probe_paths() {
-    let bin = env!("CARGO_BIN_EXE_regcache");
     let rel = "deploy/kubernetes/regcache.toml";
-    let out = Command::new(bin)
+    let out = regcache()
         .args(["check-config"])
         .arg(root().join(rel))
         .output()
@@ -288,7 +299,7 @@ fn kubernetes_config_serves_the_probe_paths() {
         );
     let config = dir.path().join("regcache.toml");
     std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(bin)
+    let mut child = regcache()
         .arg("serve")
         .arg("--config")
         .arg(&config)
