@@ -196,12 +196,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { file } => {
             let config = Config::load(file.as_deref())?;
-            let origin = file.map_or("<embedded>".to_owned(), |f| f.display().to_string());
+            let origin = file
+                .as_ref()
+                .map_or("<embedded>".to_owned(), |f| f.display().to_string());
             let vars: Vec<String> = std::env::vars_os()
                 .filter_map(|(k, _)| k.into_string().ok())
-                .filter(|k| k.starts_with(regcache::config::ENV_PREFIX) && k != "REGCACHE_CONFIG")
+                .filter(|k| {
+                    k.starts_with(regcache::config::ENV_PREFIX)
+                        && !["REGCACHE_CONFIG", "REGCACHE_GIT_COMMIT"].contains(&k.as_str())
+                })
                 .collect();
             println!("{origin}: ok");
+            if let Some(w) = file.as_deref().and_then(Config::exposure_warning) {
+                println!("  warning:     {w}");
+            }
             if !vars.is_empty() {
                 println!("  environment: {}", vars.join(", "));
             }
@@ -459,6 +467,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .validate()
                 .map_err(|p| anyhow::anyhow!("after command-line overrides:\n{p}"))?;
             init_logging(&config, cli.log_format);
+            if let Some(w) = args.config.as_deref().and_then(Config::exposure_warning) {
+                tracing::warn!("{w}");
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -374,3 +374,30 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
 }
+
+#[test]
+fn check_config_warns_when_a_file_with_secrets_is_world_readable() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("secret.toml");
+    std::fs::write(
+        &cfg,
+        "[upstreams.\"docker.io\"]\nurls = [\"https://registry-1.docker.io\"]\nusername = \"bot\"\npassword = \"hunter2\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = regcache(&["check-config", cfg.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("readable by every user (mode 644)")
+            && out.contains("upstreams.\"docker.io\".password"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("hunter2"),
+        "the secret itself is never shown: {out}"
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, out) = regcache(&["check-config", cfg.to_str().unwrap()]);
+    assert!(ok && !out.contains("warning"), "{out}");
+}

@@ -143,6 +143,8 @@ pub struct UpstreamConfig {
     pub password: Option<Secret>,
     /// A file holding the password (read again whenever credentials are refreshed).
     pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password (read at start).
+    pub password_env: Option<String>,
     /// Get credentials from `docker-credential-<NAME> get` (ecr-login, gcloud, acr-env ...).
     pub credential_helper: Option<String>,
     /// Take credentials from a Docker `config.json` (`auths`, `credHelpers`, `credsStore`).
@@ -160,8 +162,16 @@ pub struct UpstreamConfig {
     /// Forward a client's own `Authorization` upstream instead of regcache's credentials.
     #[serde(default)]
     pub pass_client_auth: bool,
-    /// Extra PEM CA certificates trusted for this upstream (beside the web PKI roots).
+    /// Extra PEM CA certificates trusted for this upstream (beside the web PKI roots), e.g.
+    /// a TLS-inspecting gateway's.
     pub ca_file: Option<PathBuf>,
+    /// Do not check this upstream's TLS certificate at all. Only by explicit opt-in.
+    #[serde(default)]
+    pub insecure: bool,
+    /// An HTTP proxy for this upstream (`http://[user:password@]host:port`, used with
+    /// CONNECT), or "none"; unset: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` from the
+    /// environment.
+    pub proxy: Option<Secret>,
     #[serde(default = "d_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Deadline for an upstream's response headers.
@@ -215,6 +225,7 @@ pub struct RepoCredentials {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
     pub credential_helper: Option<String>,
     pub docker_config: Option<PathBuf>,
 }
@@ -312,6 +323,7 @@ impl UpstreamConfig {
             username: None,
             password: None,
             password_file: None,
+            password_env: None,
             credential_helper: None,
             docker_config: None,
             credential_ttl: DEFAULT_CREDENTIAL_TTL,
@@ -319,6 +331,8 @@ impl UpstreamConfig {
             max_age: None,
             pass_client_auth: false,
             ca_file: None,
+            insecure: false,
+            proxy: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
@@ -431,6 +445,25 @@ impl Config {
             }
             None => sources::load(DEFAULT_TOML, Path::new("<embedded>"), env),
         }
+    }
+
+    /// A warning when the config file at `path` holds secrets and every user can read it.
+    pub fn exposure_warning(path: &Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        if mode & 0o004 == 0 {
+            return None;
+        }
+        let secrets = sources::secrets_in(&std::fs::read_to_string(path).ok()?);
+        (!secrets.is_empty()).then(|| {
+            format!(
+                "{} is readable by every user (mode {:o}) and holds secrets ({}): chmod o-r it, \
+                 or move them to password_file / password_env / REGCACHE_* variables",
+                path.display(),
+                mode & 0o777,
+                secrets.join(", ")
+            )
+        })
     }
 
     /// Parses and validates TOML text alone; `origin` names it in errors.
@@ -575,6 +608,16 @@ impl Config {
                     && c.docker_config.is_none()
                 {
                     p.push(format!("{key}.credentials[{i}]: no credentials given"));
+                }
+            }
+            if let Some(proxy) = u.proxy.as_deref()
+                && proxy != crate::upstream::connect::NO_PROXY
+            {
+                match url::Url::parse(proxy) {
+                    Ok(url) if url.scheme() == "http" && url.host().is_some() => {}
+                    _ => p.push(format!(
+                        "{key}.proxy: must be \"none\" or an http://[user:password@]host:port URL"
+                    )),
                 }
             }
             if let Some(ca) = &u.ca_file

@@ -15,8 +15,9 @@ use super::{Config, LoadError, Problems};
 pub const ENV_PREFIX: &str = "REGCACHE_";
 /// Separates nesting levels in a variable name: `REGCACHE_CACHE__MAX_SIZE` is `cache.max_size`.
 pub const ENV_NESTING: &str = "__";
-/// Variables with the prefix that are not config keys.
-const NOT_KEYS: [&str; 1] = ["REGCACHE_CONFIG"];
+/// Variables with the prefix that are not config keys: the config file's path, and the
+/// commit the build recorded (cargo passes it on to `cargo run` and tests).
+const NOT_KEYS: [&str; 2] = ["REGCACHE_CONFIG", "REGCACHE_GIT_COMMIT"];
 /// Bad keys reported before giving up (each retry parses the tree again).
 const MAX_PROBLEMS: usize = 32;
 
@@ -39,9 +40,10 @@ pub fn load(
         path: origin.to_owned(),
         source: Box::new(e),
     })?;
+    let env: Vec<(String, String)> = env.into_iter().collect();
     let mut settings = Vec::new();
     let mut problems = Vec::new();
-    for (var, raw) in env {
+    for (var, raw) in env.iter().cloned() {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
@@ -95,6 +97,9 @@ pub fn load(
             }
         }
     }
+    if let Some(c) = &mut config {
+        read_password_envs(c, &env, &mut problems);
+    }
     match config {
         Some(c) if problems.is_empty() => match c.validate() {
             Ok(()) => Ok(c),
@@ -108,6 +113,74 @@ pub fn load(
             problems: Problems(problems),
         }),
     }
+}
+
+/// Fills `password` from the variable `password_env` names, for every upstream and
+/// repository credentials that name one.
+fn read_password_envs(config: &mut Config, env: &[(String, String)], problems: &mut Vec<String>) {
+    for (name, u) in &mut config.upstreams {
+        let key = key_path(&["upstreams".to_owned(), name.clone()]);
+        let slots = std::iter::once((key.clone(), &u.password_env, &mut u.password)).chain(
+            u.credentials.iter_mut().enumerate().map(|(i, c)| {
+                (
+                    format!("{key}.credentials[{i}]"),
+                    &c.password_env,
+                    &mut c.password,
+                )
+            }),
+        );
+        for (at, var, password) in slots {
+            let Some(var) = var else { continue };
+            if password.is_some() {
+                problems.push(format!("{at}: set password or password_env, not both"));
+                continue;
+            }
+            match env.iter().find(|(k, _)| k == var) {
+                Some((_, v)) => *password = Some(v.as_str().into()),
+                None => problems.push(format!("{at}.password_env: the variable {var} is not set")),
+            }
+        }
+    }
+}
+
+/// Key paths in a config file's text that hold secrets: passwords, tokens, and proxy URLs
+/// with credentials.
+pub fn secrets_in(text: &str) -> Vec<String> {
+    fn walk(v: &toml::Value, path: &mut Vec<String>, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    path.push(k.clone());
+                    let secret = match v {
+                        toml::Value::String(s) => {
+                            matches!(k.as_str(), "password" | "token" | "secret")
+                                || (k == "proxy" && s.contains('@'))
+                        }
+                        _ => false,
+                    };
+                    if secret {
+                        out.push(key_path(path));
+                    } else {
+                        walk(v, path, out);
+                    }
+                    path.pop();
+                }
+            }
+            toml::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    path.push(i.to_string());
+                    walk(v, path, out);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(t) = toml::from_str::<toml::Table>(text) {
+        walk(&toml::Value::Table(t), &mut Vec::new(), &mut out);
+    }
+    out
 }
 
 /// A variable's value: TOML when it is a TOML value (`true`, `42`, `["a", "b"]`), else text.
@@ -333,6 +406,8 @@ mod tests {
                 ("REGCACHE_UPSTREAMS__DOCKER_IO__USERNAME", "bob"),
                 ("REGCACHE_UPSTREAMS__DOCKER_IO__PASSWORD", "12345"),
                 ("REGCACHE_UPSTREAMS__GHCR_IO__USERNAME", "alice"),
+                ("REGCACHE_UPSTREAMS__GHCR_IO__PASSWORD_ENV", "GHCR_TOKEN"),
+                ("GHCR_TOKEN", "from-a-secret"),
                 (
                     "REGCACHE_UPSTREAMS__CORP__URLS",
                     "https://registry.corp.example",
@@ -363,6 +438,11 @@ mod tests {
             "file value kept"
         );
         assert_eq!(c.upstreams["ghcr.io"].username.as_deref(), Some("alice"));
+        assert_eq!(
+            c.upstreams["ghcr.io"].password.as_deref(),
+            Some("from-a-secret"),
+            "password_env names the variable to read"
+        );
         assert_eq!(c.upstreams["corp"].urls, ["https://registry.corp.example"]);
         assert_eq!(c.upstreams["corp"].hosts, ["corp.example", "corp"]);
     }
@@ -403,6 +483,18 @@ mod tests {
     }
 
     #[test]
+    fn an_unset_password_variable_is_named() {
+        let all = problems(
+            "[upstreams.a]\nurls = [\"https://a.example\"]\nusername = \"u\"\npassword_env = \"NOPE_UNSET\"\n",
+            &[],
+        );
+        assert!(
+            all.contains("upstreams.a.password_env: the variable NOPE_UNSET is not set"),
+            "{all}"
+        );
+    }
+
+    #[test]
     fn a_far_off_key_lists_the_keys_there() {
         let all = problems("[cache]\nzzz = 1\n", &[]);
         assert!(
@@ -417,6 +509,19 @@ mod tests {
         assert!(
             all.contains("REGCACHE_CACHE____MAX_SIZE: not a config key"),
             "{all}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_found_by_key() {
+        let text = "[upstreams.a]\nurls = [\"https://a\"]\nusername = \"u\"\npassword = \"p\"\nproxy = \"http://u:p@proxy:3128\"\n[[upstreams.a.credentials]]\nrepo_prefix = \"t\"\npassword = \"q\"\n[upstreams.b]\nurls = [\"https://b\"]\nproxy = \"http://proxy:3128\"\n";
+        assert_eq!(
+            secrets_in(text),
+            [
+                "upstreams.a.credentials[0].password",
+                "upstreams.a.password",
+                "upstreams.a.proxy"
+            ]
         );
     }
 

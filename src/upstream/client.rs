@@ -19,13 +19,14 @@ use rustls_pki_types::pem::PemObject;
 use url::Url;
 
 use super::auth::{Auth, Challenge, TokenResponse, parse_challenge};
+use super::connect::{AcceptAnyCertificate, Connector};
 use super::credentials::{Credentials, server_name};
 use super::guard::{BreakerState, Guard, GuardConfig, Outcome, Refusal};
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::oci::reference::RepoName;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<Connector>, Empty<Bytes>>;
 
 const MAX_REDIRECTS: usize = 5;
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
@@ -142,22 +143,35 @@ impl Upstream {
                     .map_err(|e| UpstreamError::Tls(format!("{}: {e}", path.display())))?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        if cfg.insecure {
+            tracing::warn!(
+                upstream = name,
+                "insecure = true: this upstream's TLS certificate is not checked"
+            );
+            tls.dangerous()
+                .set_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)));
+        }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_nodelay(true);
+        let connector = Connector::new(http, cfg.proxy.as_deref());
+        for url in &urls {
+            if let Some(proxy) = connector.proxy_for(url) {
+                tracing::info!(upstream = name, %url, %proxy, "upstream reached through a proxy");
+            }
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(http);
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod connect;
 pub mod credentials;
 pub mod guard;
 
