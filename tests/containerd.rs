@@ -8,9 +8,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::clients::{Containerd, asked, setup};
+use common::clients::{Containerd, TwoUpstreams, asked, setup, two_upstreams};
 use common::image::{self, DOCKER_LIST, DOCKER_V2, OCI_INDEX, OCI_MANIFEST};
-use common::{Image, Layer, Meter, Regcache, Registry};
+use common::{Image, Layer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_docker_hub_images_through_regcache_as_a_mirror() {
@@ -47,18 +47,13 @@ async fn containerd_pulls_docker_hub_images_through_regcache_as_a_mirror() {
 async fn one_regcache_serves_docker_io_and_ghcr_io_by_containerds_ns_parameter() {
     // Two upstreams, each its own registry behind its own meter; the same names pushed to
     // both would hide a wrong route, so each holds only its own image.
-    let hub = Registry::start().await;
-    let hub_meter = Meter::start(hub.addr).await;
-    let ghcr = Registry::start().await;
-    let ghcr_meter = Meter::start(ghcr.addr).await;
-    let ghcr_url = ghcr_meter.url();
-    let cache = Regcache::start(&hub_meter.url(), |c| {
-        c.upstreams.insert(
-            "ghcr.io".to_owned(),
-            regcache::config::UpstreamConfig::with_url(&ghcr_url),
-        );
-    })
-    .await;
+    let TwoUpstreams {
+        hub,
+        hub_meter,
+        ghcr,
+        ghcr_meter,
+        cache,
+    } = two_upstreams().await;
     let amd = Image::new(OCI_MANIFEST, "amd64", vec![Layer::new(510, 20_000)]);
     let arm = Image::new(OCI_MANIFEST, "arm64", vec![Layer::new(511, 20_000)]);
     let index = Image::index(OCI_INDEX, vec![amd.clone(), arm.clone()]);

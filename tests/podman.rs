@@ -9,9 +9,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::clients::{Podman, asked, setup};
+use common::clients::{Podman, TwoUpstreams, asked, setup, two_upstreams};
 use common::image::{self, DOCKER_LIST, DOCKER_V2};
-use common::{Image, Layer, Meter, Regcache, Registry};
+use common::{Image, Layer};
 
 /// Checks what podman says about a pulled image against the pushed `img`; `digest` is the
 /// manifest digest podman records (an index's when it pulled through one).
@@ -80,18 +80,13 @@ async fn podman_resolves_a_short_name_to_docker_io_through_the_mirror() {
 async fn podman_pulls_one_platform_of_a_ghcr_io_image_through_the_path_prefix_mirror() {
     // One regcache for both registries, as registries.conf sets it up; Docker Hub's upstream
     // is a registry of its own whose meter must see nothing.
-    let hub = Registry::start().await;
-    let hub_meter = Meter::start(hub.addr).await;
-    let ghcr = Registry::start().await;
-    let ghcr_meter = Meter::start(ghcr.addr).await;
-    let ghcr_url = ghcr_meter.url();
-    let cache = Regcache::start(&hub_meter.url(), |c| {
-        c.upstreams.insert(
-            "ghcr.io".to_owned(),
-            regcache::config::UpstreamConfig::with_url(&ghcr_url),
-        );
-    })
-    .await;
+    let TwoUpstreams {
+        hub: _hub,
+        hub_meter,
+        ghcr,
+        ghcr_meter,
+        cache,
+    } = two_upstreams().await;
     let amd = Image::new(DOCKER_V2, "amd64", vec![Layer::new(610, 20_000)]);
     let arm = Image::new(
         DOCKER_V2,

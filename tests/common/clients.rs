@@ -42,6 +42,39 @@ pub async fn setup(tweak: impl FnOnce(&mut regcache::Config)) -> Setup {
     }
 }
 
+/// One regcache in front of two upstreams, Docker Hub's and ghcr.io's, each a real registry
+/// of its own behind its own meter (the same names pushed to both would hide a wrong route,
+/// so each holds only its own images).
+pub struct TwoUpstreams {
+    pub hub: Registry,
+    pub hub_meter: Meter,
+    pub ghcr: Registry,
+    pub ghcr_meter: Meter,
+    pub cache: Regcache,
+}
+
+pub async fn two_upstreams() -> TwoUpstreams {
+    let hub = Registry::start().await;
+    let hub_meter = Meter::start(hub.addr).await;
+    let ghcr = Registry::start().await;
+    let ghcr_meter = Meter::start(ghcr.addr).await;
+    let ghcr_url = ghcr_meter.url();
+    let cache = Regcache::start(&hub_meter.url(), |c| {
+        c.upstreams.insert(
+            "ghcr.io".to_owned(),
+            regcache::config::UpstreamConfig::with_url(&ghcr_url),
+        );
+    })
+    .await;
+    TwoUpstreams {
+        hub,
+        hub_meter,
+        ghcr,
+        ghcr_meter,
+        cache,
+    }
+}
+
 /// A temp dir with a short path: unix socket paths are limited to 108 bytes.
 pub fn short_tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
