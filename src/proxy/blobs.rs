@@ -91,7 +91,7 @@ impl Proxy {
                 && len == size
             {
                 self.index.put_blob(up, digest, size)?;
-                self.index.put_seen(up, digest, &t.repo)?;
+                self.note_seen(up, digest, &t.repo)?;
                 return Ok(hit(file, len));
             }
         }
@@ -113,6 +113,7 @@ impl Proxy {
             metrics: Arc::clone(&self.metrics),
         };
         let (target, d, asker) = (t.clone(), digest.clone(), client.clone());
+        let seen_by = Arc::downgrade(self);
         let source = async move {
             let path = format!("blobs/{d}");
             let resp = send(
@@ -127,20 +128,18 @@ impl Proxy {
                 },
             )
             .await?;
-            expect_ok(&target, resp, || Error::BlobUnknown(d.to_string()))
+            let resp = expect_ok(&target, resp, || Error::BlobUnknown(d.to_string()))?;
+            // Upstream serves it in this repository: known there from now on (also for
+            // requests that join this fill before it commits).
+            if let Some(p) = seen_by.upgrade() {
+                p.note_seen(&target.upstream.name, &d, &target.repo)?;
+            }
+            Ok(resp)
         };
-        let (index, up_name, d, repo) = (
-            self.index.clone(),
-            up.clone(),
-            digest.clone(),
-            t.repo.clone(),
-        );
+        let (index, up_name, d) = (self.index.clone(), up.clone(), digest.clone());
         let this = Arc::downgrade(self);
         let on_commit = move |size| {
-            if let Err(e) = index
-                .put_blob(&up_name, &d, size)
-                .and_then(|()| index.put_seen(&up_name, &d, &repo))
-            {
+            if let Err(e) = index.put_blob(&up_name, &d, size) {
                 tracing::error!(digest = %d, error = %e, "blob committed but not indexed");
             }
             if let Some(p) = this.upgrade() {

@@ -76,8 +76,21 @@ impl Proxy {
             tracing::info!(upstream = %up.name, repo = %t.repo, %digest, "cached digest not in this repository upstream; not served");
             return Err(kind.unknown(t, &reference));
         }
-        self.index.put_seen(&up.name, digest, &t.repo)?;
-        self.access_checked.insert(key, ());
+        self.note_seen(&up.name, digest, &t.repo)?;
+        Ok(())
+    }
+
+    /// Upstream just served or confirmed `digest` for `repo`: known there (and, for
+    /// `verify_access`, checked now).
+    pub(crate) fn note_seen(
+        &self,
+        upstream: &str,
+        digest: &Digest,
+        repo: &crate::oci::reference::RepoName,
+    ) -> Result<()> {
+        self.index.put_seen(upstream, digest, repo)?;
+        self.access_checked
+            .insert((upstream.to_owned(), repo.clone(), digest.clone()), ());
         Ok(())
     }
 

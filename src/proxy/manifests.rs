@@ -416,7 +416,7 @@ impl Proxy {
                 size: bytes.len() as u64,
             },
         )?;
-        self.index.put_seen(up, &actual, &t.repo)?;
+        self.note_seen(up, &actual, &t.repo)?;
         if let Reference::Tag(tag) = reference
             && accept == UPSTREAM_ACCEPT
         {
