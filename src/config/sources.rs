@@ -15,8 +15,9 @@ use super::{Config, LoadError, Problems};
 pub const ENV_PREFIX: &str = "REGCACHE_";
 /// Separates nesting levels in a variable name: `REGCACHE_CACHE__MAX_SIZE` is `cache.max_size`.
 pub const ENV_NESTING: &str = "__";
-/// Variables with the prefix that are not config keys.
-const NOT_KEYS: [&str; 1] = ["REGCACHE_CONFIG"];
+/// Variables with the prefix that are not config keys (`REGCACHE_GIT_COMMIT` is build.rs's,
+/// and cargo hands it to test processes, whose regcache subprocesses inherit it).
+const NOT_KEYS: [&str; 2] = ["REGCACHE_CONFIG", "REGCACHE_GIT_COMMIT"];
 /// Bad keys reported before giving up (each retry parses the tree again).
 const MAX_PROBLEMS: usize = 32;
 
