@@ -22,18 +22,22 @@ fn git_commit() -> Option<String> {
     if !out.status.success() {
         return None;
     }
-    // Rebuild when HEAD moves: HEAD itself, the branch it names, and packed refs.
-    let git_dir = Command::new("git")
-        .args(["rev-parse", "--git-dir"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())?;
+    // Rebuild when HEAD moves: HEAD itself, the branch it names, and packed refs. In a linked
+    // worktree HEAD is the worktree's own, while branches live in the common git dir.
+    let dir = |arg: &str| {
+        Command::new("git")
+            .args(["rev-parse", arg])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let (git_dir, common) = (dir("--git-dir")?, dir("--git-common-dir")?);
     // (Only files that exist: cargo reruns a script whose watched file is missing every time.)
-    let mut watch = vec![format!("{git_dir}/HEAD"), format!("{git_dir}/packed-refs")];
+    let mut watch = vec![format!("{git_dir}/HEAD"), format!("{common}/packed-refs")];
     if let Ok(head) = std::fs::read_to_string(format!("{git_dir}/HEAD"))
         && let Some(r) = head.strip_prefix("ref: ")
     {
-        watch.push(format!("{git_dir}/{}", r.trim()));
+        watch.push(format!("{common}/{}", r.trim()));
     }
     for path in watch.iter().filter(|p| std::path::Path::new(p).exists()) {
         println!("cargo:rerun-if-changed={path}");

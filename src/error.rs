@@ -38,6 +38,26 @@ pub enum Error {
     Unsupported(String),
     #[error("requested range not satisfiable (blob is {size} bytes)")]
     RangeNotSatisfiable { size: u64 },
+    /// The client did not (or could not) prove who it is; answered with regcache's challenge.
+    #[error("{message}")]
+    Unauthorized {
+        reason: &'static str,
+        message: String,
+        challenge: HeaderValue,
+    },
+    /// The client may not pull this; `message` names the rule.
+    #[error("{message}")]
+    Denied {
+        reason: &'static str,
+        message: String,
+    },
+    /// A `pass_client_auth` upstream wants the client's credentials: its challenge is relayed.
+    #[error("upstream {upstream} requires authentication for {repo}")]
+    UpstreamChallenge {
+        upstream: String,
+        repo: String,
+        challenge: Option<HeaderValue>,
+    },
     #[error("upstream {upstream} refused access to {repo} (status {status})")]
     UpstreamDenied {
         upstream: String,
@@ -113,7 +133,10 @@ impl Error {
             NotFound => ("UNSUPPORTED", StatusCode::NOT_FOUND),
             Unsupported(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
             RangeNotSatisfiable { .. } => ("RANGE_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
-            UpstreamDenied { .. } => ("DENIED", StatusCode::FORBIDDEN),
+            Unauthorized { .. } | UpstreamChallenge { .. } => {
+                ("UNAUTHORIZED", StatusCode::UNAUTHORIZED)
+            }
+            Denied { .. } | UpstreamDenied { .. } => ("DENIED", StatusCode::FORBIDDEN),
             UpstreamRateLimited { .. } => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             UpstreamStatus { .. } | DigestMismatch { .. } => {
                 ("UNAVAILABLE", StatusCode::BAD_GATEWAY)
@@ -128,6 +151,15 @@ impl Error {
             Storage(_) | Index(_) | Internal(_) | Shared(_) => {
                 ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR)
             }
+        }
+    }
+
+    /// The `reason` label of `regcache_access_denied_total`, for refusals of a client.
+    pub fn denial_reason(&self) -> Option<&'static str> {
+        match self.root() {
+            Error::Unauthorized { reason, .. } | Error::Denied { reason, .. } => Some(reason),
+            Error::UpstreamChallenge { .. } | Error::UpstreamDenied { .. } => Some("upstream"),
+            _ => None,
         }
     }
 
@@ -186,6 +218,13 @@ impl Error {
             }
             Error::Unsupported(_) => {
                 h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            Error::Unauthorized { challenge, .. }
+            | Error::UpstreamChallenge {
+                challenge: Some(challenge),
+                ..
+            } => {
+                h.insert(header::WWW_AUTHENTICATE, challenge.clone());
             }
             _ => {}
         }

@@ -41,6 +41,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
         repo = field::Empty,
         reference = field::Empty,
         cache = field::Empty,
+        user = field::Empty,
     );
     async move {
         let head = method == Method::HEAD;
@@ -52,6 +53,13 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
         let mut resp = match dispatch(&proxy, &req, &mut served).await {
             Ok(r) => r,
             Err(e) => {
+                if let Some(reason) = e.denial_reason() {
+                    proxy
+                        .metrics()
+                        .access_denied
+                        .with_label_values(&[reason])
+                        .inc();
+                }
                 match e.origin() {
                     Origin::Client => tracing::debug!(error = %e, "bad request"),
                     Origin::Upstream => tracing::warn!(error = %e, "upstream failure"),
@@ -260,6 +268,14 @@ async fn dispatch<B>(
         return Err(Error::Unsupported(format!("{method}")));
     }
     let head = method == Method::HEAD;
+    let span = tracing::Span::current();
+    let access = proxy.access();
+    let who = access
+        .authenticate(req.headers().get(header::AUTHORIZATION))
+        .await?;
+    if let Some(w) = &who {
+        span.record("user", w.name.as_str());
+    }
     let client = ClientInfo {
         accept: req
             .headers()
@@ -268,11 +284,18 @@ async fn dispatch<B>(
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>()
             .join(", "),
-        authorization: req.headers().get(header::AUTHORIZATION).cloned(),
+        // Credentials for regcache itself never go upstream.
+        authorization: req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .filter(|_| !access.is_enabled())
+            .cloned(),
     };
-    let span = tracing::Span::current();
     match parsed.route {
-        Route::Base => Ok(json_response(StatusCode::OK, "{}", head)),
+        Route::Base => {
+            access.check_base(&who)?;
+            Ok(json_response(StatusCode::OK, "{}", head))
+        }
         Route::Catalog | Route::Referrers { .. } => Err(Error::NotFound),
         Route::Upload { .. } => Err(Error::Unsupported("pushing".into())),
         Route::Manifest { name, reference } => {
@@ -284,6 +307,7 @@ async fn dispatch<B>(
                 &reference.to_string(),
             );
             served.upstream.clone_from(&t.upstream.name);
+            access.authorize(&who, &t.upstream.name, t.repo.as_str())?;
             let (m, cache) = proxy.manifest(&t, &reference, &client).await?;
             span.record("cache", cache.as_str());
             served.cache = Some(cache);
@@ -311,6 +335,7 @@ async fn dispatch<B>(
                 &digest.to_string(),
             );
             served.upstream.clone_from(&t.upstream.name);
+            access.authorize(&who, &t.upstream.name, t.repo.as_str())?;
             let answer = proxy.blob(&t, &digest, head, &client).await?;
             span.record("cache", answer.cache.as_str());
             served.cache = Some(answer.cache);
@@ -387,6 +412,7 @@ async fn dispatch<B>(
             let t = proxy.resolve(&name, parsed.ns.as_deref())?;
             record_target(&span, &t.upstream.name, t.repo.as_str(), "tags/list");
             served.upstream.clone_from(&t.upstream.name);
+            access.authorize(&who, &t.upstream.name, t.repo.as_str())?;
             let (list, cache) = proxy
                 .tags_list(&t, req.uri().query().map(strip_ns).as_deref(), &client)
                 .await?;

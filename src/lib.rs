@@ -3,6 +3,7 @@
 //! The binary (`main.rs`) parses the command line and calls [`run`]; everything else is here.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod body;
 pub mod cache;
 pub mod config;

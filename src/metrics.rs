@@ -59,6 +59,8 @@ pub struct Metrics {
     pub passthrough: IntCounter,
     /// Blob fill durations (upstream to verified commit).
     pub fill_duration: Histogram,
+    /// Requests refused by access control, by reason.
+    pub access_denied: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -209,6 +211,11 @@ impl Metrics {
                 registry.register(Box::new(h.clone())).expect("unique");
                 h
             },
+            access_denied: counter(
+                "regcache_access_denied_total",
+                "Client requests refused by access control, by reason: no_credentials, bad_credentials, policy (allow/deny lists), rule (no auth.rules grant), isolation (a cached digest not known in the asked repository), upstream (a pass_client_auth upstream refused the client).",
+                &["reason"],
+            ),
             registry: registry.clone(),
         };
         let build = gauge_vec(

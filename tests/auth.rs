@@ -325,7 +325,7 @@ async fn a_token_is_fetched_again_shortly_before_it_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pass_client_auth_forwards_the_clients_token_and_not_our_credentials() {
+async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_checks_cached_content() {
     let (tokens, registry) = token_registry().await;
     let (a1, a2) = (Image::simple(12, 2), Image::simple(13, 2));
     tokens.push(&registry, "private/app", "1", &a1).await;
@@ -353,8 +353,8 @@ async fn pass_client_auth_forwards_the_clients_token_and_not_our_credentials() {
     let seen = meter.seen.lock().unwrap().clone();
     assert_eq!(
         seen.len(),
-        4,
-        "manifest, config, 2 layers: {:?}",
+        8,
+        "manifest, config, 2 layers: each an access HEAD with the client's credentials, then the GET: {:?}",
         brief(&seen)
     );
     assert!(
@@ -369,18 +369,61 @@ async fn pass_client_auth_forwards_the_clients_token_and_not_our_credentials() {
         tokens.requests()
     );
 
-    // A client without credentials: upstream refuses, and regcache's account stays unused.
-    let (status, code) = error_code(get_manifest(&cache.url(), "private/app", "2").await).await;
-    assert_eq!((status, code.as_str()), (403, "DENIED"));
+    // A client without credentials: upstream's 401 goes back with upstream's challenge (so
+    // the client can get a token from upstream's realm), and regcache's account stays unused.
+    let resp = get_manifest(&cache.url(), "private/app", "2").await;
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let (status, code) = error_code(resp).await;
+    assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
+    assert!(
+        challenge.starts_with("Bearer ") && challenge.contains(&tokens.realm()),
+        "{challenge}"
+    );
     assert!(tokens.requests().is_empty(), "{:?}", tokens.requests());
+
+    // Content already cached is not served to a client upstream would refuse: anonymous and
+    // bob (whose token does not cover private/app) get upstream's 401, after a HEAD each.
+    let bob_token = format!(
+        "Bearer {}",
+        tokens.token(Some(BOB), "repository:private/app:pull").await
+    );
+    tokens.reset();
+    meter.reset();
+    let config = common::image::sha256(&a1.config);
+    for who in [None, Some(bob_token.as_str())] {
+        let (status, code) =
+            error_code(common::get_manifest_as(&cache.url(), "private/app", "1", who).await).await;
+        assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"), "{who:?}");
+        let mut req = common::http().get(format!("{}/v2/private/app/blobs/{config}", cache.url()));
+        if let Some(a) = who {
+            req = req.header("authorization", a);
+        }
+        let (status, code) = error_code(req.send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"), "{who:?}");
+    }
+    let seen = meter.seen.lock().unwrap().clone();
+    assert!(
+        seen.len() == 4 && seen.iter().all(|s| s.method == "HEAD"),
+        "{:?}",
+        brief(&seen)
+    );
+    // alice's token still gets the cached blob: one HEAD, no GET.
+    meter.reset();
+    common::get_blob_as(&cache.url(), "private/app", &config, Some(&client_token)).await;
+    assert_eq!(meter.count("HEAD", &config), 1);
+    assert_eq!(meter.count("GET", &config), 0);
     assert!(
         meter
             .seen
             .lock()
             .unwrap()
             .iter()
-            .all(|s| s.authorization.as_deref().is_none_or(|a| a == client_token)),
-        "nothing but the client's own Authorization went upstream"
+            .all(|s| s.authorization.as_deref() != Some(basic(ADMIN.0, ADMIN.1).as_str())),
+        "regcache's own account never went upstream"
     );
 }
 

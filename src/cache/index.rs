@@ -20,6 +20,9 @@ pub struct Index {
     tags: sled::Tree,
     /// digest -> last use (ms since the epoch, big-endian), written in batches.
     access: sled::Tree,
+    /// `upstream \0 digest \0 repo` -> (): the repositories upstream served a digest for
+    /// (private content isolation: a digest is served only for repositories known to hold it).
+    seen_in: sled::Tree,
 }
 
 /// A manifest known for an upstream.
@@ -70,6 +73,7 @@ impl Index {
             manifests: db.open_tree("manifests")?,
             tags: db.open_tree("tags")?,
             access: db.open_tree("access")?,
+            seen_in: db.open_tree("seen_in")?,
         })
     }
 
@@ -191,10 +195,31 @@ impl Index {
         Ok(out)
     }
 
+    /// Records that upstream served (or confirmed) `digest` for `repo`.
+    pub fn put_seen(&self, upstream: &str, digest: &Digest, repo: &RepoName) -> sled::Result<()> {
+        self.seen_in.insert(
+            key(&[upstream, &digest.to_string(), repo.as_str()]),
+            &[] as &[u8],
+        )?;
+        Ok(())
+    }
+
+    /// Whether upstream is known to hold `digest` in `repo`.
+    pub fn seen(&self, upstream: &str, digest: &Digest, repo: &RepoName) -> sled::Result<bool> {
+        self.seen_in
+            .contains_key(key(&[upstream, &digest.to_string(), repo.as_str()]))
+    }
+
     /// Drops one upstream's blob and manifest entries for a digest.
     pub fn forget_for(&self, upstream: &str, digest: &Digest) -> sled::Result<()> {
         self.remove_blob(upstream, digest)?;
-        self.remove_manifest(upstream, digest)
+        self.remove_manifest(upstream, digest)?;
+        let mut prefix = key(&[upstream, &digest.to_string()]);
+        prefix.push(0);
+        for k in self.seen_in.scan_prefix(prefix).keys() {
+            self.seen_in.remove(k?)?;
+        }
+        Ok(())
     }
 
     /// Drops every upstream's entries for a digest (its file is gone or bad).
@@ -282,5 +307,12 @@ mod tests {
         assert!(got.age(SystemTime::now()) >= Duration::from_millis(1500));
         idx.remove_tag("hub", &repo, &tag).unwrap();
         assert_eq!(idx.tag("hub", &repo, &tag).unwrap(), None);
+        let other: RepoName = "library/alpine2".parse().unwrap();
+        idx.put_seen("hub", &d, &repo).unwrap();
+        assert!(idx.seen("hub", &d, &repo).unwrap());
+        assert!(!idx.seen("hub", &d, &other).unwrap());
+        assert!(!idx.seen("other", &d, &repo).unwrap());
+        idx.forget_for("hub", &d).unwrap();
+        assert!(!idx.seen("hub", &d, &repo).unwrap());
     }
 }

@@ -67,6 +67,112 @@ pub struct Config {
     /// Short name -> full reference without tag (`myapp = "registry.corp.example/team/myapp"`).
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
+    /// Client authentication and access rules (off unless `htpasswd` or `tokens` is set).
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Allow and deny lists over every upstream, patterns led by the registry
+    /// (`docker.io/library/*`).
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+pub const DEFAULT_AUTH_REALM: &str = "regcache";
+pub const DEFAULT_AUTH_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Who may use regcache. Off (everyone anonymous, as without this table) unless `htpasswd` or
+/// `tokens` gives an identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// An htpasswd file with bcrypt entries (`htpasswd -B`); other hash kinds are refused.
+    pub htpasswd: Option<PathBuf>,
+    /// Static bearer tokens, each an identity of its own.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Group name -> members (htpasswd users or token names).
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// What authenticated identities may pull; with none, any authenticated identity may pull
+    /// everything the policy allows.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// The realm of regcache's `WWW-Authenticate: Basic` challenge.
+    #[serde(default = "d_auth_realm")]
+    pub realm: String,
+    /// How long a verified password is remembered (in memory, by a hash of the credentials),
+    /// sparing the bcrypt check.
+    #[serde(default = "d_auth_cache_ttl", with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+/// A static bearer token (also usable as the password of `docker login -u NAME`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The identity the token authenticates as (for rules, groups and logs).
+    pub name: String,
+    /// A file holding the token (its first line).
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the token.
+    pub token_env: Option<String>,
+    /// Groups this token is in (beside `auth.groups` naming it).
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// One grant: who (users and/or groups) may pull which repositories of which upstreams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// User or token names; `"*"` is any authenticated identity.
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Upstream names or registry hosts; empty: every upstream.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Repository patterns as the upstream names them (`library/*`, `team/**`); empty: all.
+    #[serde(default)]
+    pub repos: Vec<String>,
+}
+
+/// Allow and deny lists for every upstream; each pattern starts with an upstream name or one
+/// of its hosts: `docker.io/library/*`, `ghcr.io/myorg/**`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            htpasswd: None,
+            tokens: Vec::new(),
+            groups: BTreeMap::new(),
+            rules: Vec::new(),
+            realm: DEFAULT_AUTH_REALM.to_owned(),
+            cache_ttl: DEFAULT_AUTH_CACHE_TTL,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether clients must (or may) authenticate.
+    pub fn is_enabled(&self) -> bool {
+        self.htpasswd.is_some() || !self.tokens.is_empty()
+    }
+}
+
+fn d_auth_realm() -> String {
+    DEFAULT_AUTH_REALM.to_owned()
+}
+fn d_auth_cache_ttl() -> Duration {
+    DEFAULT_AUTH_CACHE_TTL
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,8 +266,23 @@ pub struct UpstreamConfig {
     #[serde(default, with = "humantime_serde")]
     pub max_age: Option<Duration>,
     /// Forward a client's own `Authorization` upstream instead of regcache's credentials.
+    /// Every request is then checked upstream with the client's credentials before cached
+    /// content is served, and upstream's 401 challenge is passed to the client.
     #[serde(default)]
     pub pass_client_auth: bool,
+    /// With `[auth]` on: clients may pull from this upstream without logging in.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Repository patterns (as this upstream names them) that may be pulled; empty: all.
+    #[serde(default, deserialize_with = "de_one_or_many")]
+    pub allow: Vec<String>,
+    /// Repository patterns that may never be pulled (beats `allow`).
+    #[serde(default, deserialize_with = "de_one_or_many")]
+    pub deny: Vec<String>,
+    /// Re-check with an upstream `HEAD` that a repository still holds a cached digest (at most
+    /// once per `cache.tag_ttl` per repository and digest) before serving it.
+    #[serde(default)]
+    pub verify_access: bool,
     /// Extra PEM CA certificates trusted for this upstream (beside the web PKI roots), e.g.
     /// a TLS-inspecting gateway's.
     pub ca_file: Option<PathBuf>,
@@ -314,6 +435,15 @@ impl Default for CacheConfig {
 }
 
 impl UpstreamConfig {
+    /// Whether regcache fetches with credentials of its own here (so cached content may be
+    /// private to some repositories).
+    pub fn has_credentials(&self) -> bool {
+        self.username.is_some()
+            || self.credential_helper.is_some()
+            || self.docker_config.is_some()
+            || !self.credentials.is_empty()
+    }
+
     /// An upstream with one URL and every other key at its default.
     pub fn with_url(url: &str) -> Self {
         UpstreamConfig {
@@ -330,6 +460,10 @@ impl UpstreamConfig {
             credentials: Vec::new(),
             max_age: None,
             pass_client_auth: false,
+            anonymous: false,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            verify_access: false,
             ca_file: None,
             insecure: false,
             proxy: None,
@@ -646,6 +780,9 @@ impl Config {
             if let Err(e) = self.resolve_alias_target(target) {
                 p.push(format!("{key}: {e}"));
             }
+        }
+        if let Err(problems) = crate::access::Access::from_config(self) {
+            p.extend(problems);
         }
         if p.is_empty() {
             Ok(())

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use http::{Method, header};
 
+use super::isolation::Kind;
 use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, send};
 use crate::cache::flight::{Fill, FillSpec, Reader};
 use crate::error::{Error, Result};
@@ -53,6 +54,11 @@ impl Proxy {
         client: &ClientInfo,
     ) -> Result<BlobAnswer> {
         let up = &t.upstream.name;
+        let reference = digest.to_string();
+        self.client_check(t, Kind::Blob, &reference, client).await?;
+        if self.index.blob(up, digest)?.is_some() || self.fills.get(up, digest).is_some() {
+            self.may_serve(t, Kind::Blob, digest, client).await?;
+        }
         if self.index.blob(up, digest)?.is_some() {
             if let Some((file, size)) = self.store.open_blob(digest).await? {
                 self.touch(digest);
@@ -66,8 +72,12 @@ impl Proxy {
             return joined(fill, CacheResult::Coalesced).await;
         }
         if self.config.cache.offline {
-            // Content is content: in offline mode any upstream's copy will do.
-            if let Some((file, size)) = self.store.open_blob(digest).await? {
+            // Content is content: in offline mode any upstream's copy will do, unless this
+            // upstream's content may be private.
+            if !t.upstream.is_private()
+                && !t.upstream.passes_client_auth()
+                && let Some((file, size)) = self.store.open_blob(digest).await?
+            {
                 return Ok(hit(file, size));
             }
             return Err(Error::BlobUnknown(format!(
@@ -81,6 +91,7 @@ impl Proxy {
                 && len == size
             {
                 self.index.put_blob(up, digest, size)?;
+                self.note_seen(up, digest, &t.repo)?;
                 return Ok(hit(file, len));
             }
         }
@@ -102,6 +113,7 @@ impl Proxy {
             metrics: Arc::clone(&self.metrics),
         };
         let (target, d, asker) = (t.clone(), digest.clone(), client.clone());
+        let seen_by = Arc::downgrade(self);
         let source = async move {
             let path = format!("blobs/{d}");
             let resp = send(
@@ -116,7 +128,13 @@ impl Proxy {
                 },
             )
             .await?;
-            expect_ok(&target, resp, || Error::BlobUnknown(d.to_string()))
+            let resp = expect_ok(&target, resp, || Error::BlobUnknown(d.to_string()))?;
+            // Upstream serves it in this repository: known there from now on (also for
+            // requests that join this fill before it commits).
+            if let Some(p) = seen_by.upgrade() {
+                p.note_seen(&target.upstream.name, &d, &target.repo)?;
+            }
+            Ok(resp)
         };
         let (index, up_name, d) = (self.index.clone(), up.clone(), digest.clone());
         let this = Arc::downgrade(self);
@@ -133,6 +151,10 @@ impl Proxy {
         }
         match self.fills.join_or_start(spec, source, on_commit) {
             Ok((fill, was_joined)) => {
+                // Another repository's fill may have started since the check above.
+                if was_joined {
+                    self.may_serve(t, Kind::Blob, digest, client).await?;
+                }
                 joined(
                     fill,
                     if was_joined {

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{Method, StatusCode, header};
 
+use super::isolation::Kind;
 use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, read_document, send, status_error};
 use crate::cache::index::{ManifestEntry, TagEntry, millis};
 use crate::error::{Error, Result};
@@ -38,9 +39,12 @@ impl Proxy {
         reference: &Reference,
         client: &ClientInfo,
     ) -> Result<(Arc<Manifest>, CacheResult)> {
+        self.client_check(t, Kind::Manifest, &reference.to_string(), client)
+            .await?;
         match reference {
             Reference::Digest(d) => {
                 if let Some(m) = self.known_manifest(&t.upstream.name, d).await? {
+                    self.may_serve(t, Kind::Manifest, d, client).await?;
                     return Ok((m, CacheResult::Hit));
                 }
                 if self.config.cache.offline {
@@ -412,6 +416,7 @@ impl Proxy {
                 size: bytes.len() as u64,
             },
         )?;
+        self.note_seen(up, &actual, &t.repo)?;
         if let Reference::Tag(tag) = reference
             && accept == UPSTREAM_ACCEPT
         {

@@ -9,6 +9,7 @@
 
 pub mod admin;
 mod blobs;
+mod isolation;
 mod manifests;
 pub mod router;
 
@@ -112,6 +113,8 @@ type ManifestFlights = Group<ManifestKey, Result<Arc<Manifest>, Arc<Error>>>;
 /// The cache and its upstreams.
 pub struct Proxy {
     config: Arc<Config>,
+    /// Client authentication and access rules.
+    access: crate::access::Access,
     upstreams: HashMap<String, Arc<Upstream>>,
     /// Route name (upstream name or host, lowercase) -> upstream name.
     router: Router,
@@ -121,6 +124,9 @@ pub struct Proxy {
     tags_lists: moka::future::Cache<TagsKey, Arc<TagsList>>,
     /// Tags upstream recently said it does not have.
     missing_tags: moka::sync::Cache<TagsKey, ()>,
+    /// (upstream, repo, digest) an upstream `HEAD` confirmed within `tag_ttl`
+    /// (`verify_access`).
+    access_checked: moka::sync::Cache<(String, RepoName, crate::oci::digest::Digest), ()>,
     manifest_flights: Arc<ManifestFlights>,
     revalidations: Arc<Group<ManifestKey, Result<manifests::Revalidation, Arc<Error>>>>,
     fills: Arc<Fills>,
@@ -143,10 +149,13 @@ pub enum StartError {
     Index(#[from] sled::Error),
     #[error("upstream {name}: {source}")]
     Upstream { name: String, source: UpstreamError },
+    #[error("{}", .0.join("; "))]
+    Access(Vec<String>),
 }
 
 impl Proxy {
     pub fn new(config: Arc<Config>) -> Result<Arc<Proxy>, StartError> {
+        let access = crate::access::Access::from_config(&config).map_err(StartError::Access)?;
         let data = &config.data_dir;
         let store = Store::open(data).map_err(|source| StartError::DataDir {
             path: data.clone(),
@@ -220,8 +229,14 @@ impl Proxy {
                     .max(std::time::Duration::from_millis(1)),
             )
             .build();
+        let access_checked = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(config.cache.tag_ttl)
+            .build();
         Ok(Arc::new(Proxy {
+            access_checked,
             config,
+            access,
             upstreams,
             router,
             store,
@@ -240,6 +255,11 @@ impl Proxy {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Who may pull what.
+    pub fn access(&self) -> &crate::access::Access {
+        &self.access
     }
 
     /// The store and index, for listings off the async threads.
@@ -392,7 +412,9 @@ impl Proxy {
             t.repo.clone(),
             query.unwrap_or("").to_owned(),
         );
-        if let Some(hit) = self.tags_lists.get(&key).await {
+        // What a pass_client_auth client may list is upstream's to say, every time.
+        let shared = !t.upstream.passes_client_auth();
+        if shared && let Some(hit) = self.tags_lists.get(&key).await {
             return Ok((hit, CacheResult::Hit));
         }
         if self.config.cache.offline {
@@ -423,7 +445,9 @@ impl Proxy {
             content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
             link: parts.headers.get(header::LINK).cloned(),
         });
-        self.tags_lists.insert(key, Arc::clone(&list)).await;
+        if shared {
+            self.tags_lists.insert(key, Arc::clone(&list)).await;
+        }
         Ok((list, CacheResult::Miss))
     }
 }
@@ -464,6 +488,12 @@ fn status_error(
     let upstream = t.upstream.name.clone();
     match status {
         StatusCode::NOT_FOUND => not_found(),
+        // The client's own credentials were asked for: let it answer the challenge.
+        StatusCode::UNAUTHORIZED if t.upstream.passes_client_auth() => Error::UpstreamChallenge {
+            upstream,
+            repo: t.repo.to_string(),
+            challenge: headers.get(header::WWW_AUTHENTICATE).cloned(),
+        },
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::UpstreamDenied {
             upstream,
             repo: t.repo.to_string(),

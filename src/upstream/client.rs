@@ -114,6 +114,9 @@ pub struct Upstream {
     auth: Arc<Auth>,
     credentials: Credentials,
     pass_client_auth: bool,
+    /// regcache fetches with credentials of its own: cached content may be private.
+    private: bool,
+    verify_access: bool,
     response_timeout: Duration,
     read_timeout: Duration,
     guard: Guard,
@@ -186,6 +189,8 @@ impl Upstream {
             auth: Auth::new(),
             credentials,
             pass_client_auth: cfg.pass_client_auth,
+            private: cfg.has_credentials(),
+            verify_access: cfg.verify_access,
             response_timeout: cfg.response_timeout,
             read_timeout: cfg.read_timeout,
             guard: Guard::new(GuardConfig {
@@ -195,6 +200,22 @@ impl Upstream {
             }),
             metrics,
         })
+    }
+
+    /// Whether the client's own `Authorization` goes upstream (and decides what it may see).
+    pub fn passes_client_auth(&self) -> bool {
+        self.pass_client_auth
+    }
+
+    /// Whether regcache pulls here with credentials of its own, so a cached digest is served
+    /// for a repository only once that repository is known to hold it.
+    pub fn is_private(&self) -> bool {
+        self.private
+    }
+
+    /// Whether a cached digest is re-checked upstream (`HEAD`) once per `tag_ttl`.
+    pub fn verifies_access(&self) -> bool {
+        self.verify_access
     }
 
     /// Longest silence a caller should accept inside a response body.
