@@ -248,6 +248,11 @@ impl Dockerd {
     /// [`Dockerd::start`] with extra environment for the daemon (e.g. `HTTPS_PROXY`). The
     /// daemon logs at debug level, so its log shows each endpoint it tries.
     pub async fn start_with(regcache: &str, env: &[(&str, &str)]) -> Dockerd {
+        Self::start_config(&snippet("daemon.json", regcache), env).await
+    }
+
+    /// Starts with `daemon_json` as the daemon's config file.
+    pub async fn start_config(daemon_json: &str, env: &[(&str, &str)]) -> Dockerd {
         require_root("the Docker daemon test");
         let bin = common_require("dockerd", "docker.io");
         let client = common_require("docker", "docker.io");
@@ -255,7 +260,7 @@ impl Dockerd {
         common_require("runc", "runc");
         let dir = short_tempdir("rcd");
         let d = dir.path();
-        std::fs::write(d.join("daemon.json"), snippet("daemon.json", regcache)).unwrap();
+        std::fs::write(d.join("daemon.json"), daemon_json).unwrap();
         std::fs::create_dir_all(d.join("cli")).unwrap();
         std::fs::write(d.join("cli/config.json"), "{}").unwrap();
         let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
