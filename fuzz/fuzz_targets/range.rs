@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     for size in [size, size % 1024, 0] {
         match parse(Some(header), size) {
             RangeAnswer::Partial { start, end } => {
-                assert!(start <= end && end < size, "{header:?} {size}: {start}-{end}");
+                assert!(
+                    start <= end && end < size,
+                    "{header:?} {size}: {start}-{end}"
+                );
             }
             RangeAnswer::Full | RangeAnswer::Unsatisfiable => {}
         }
