@@ -36,6 +36,8 @@ pub enum Error {
     NotFound,
     #[error("{0} is not supported by a pull-through cache")]
     Unsupported(String),
+    #[error("request target is {len} bytes; at most {max} are accepted")]
+    UriTooLong { len: usize, max: usize },
     #[error("requested range not satisfiable (blob is {size} bytes)")]
     RangeNotSatisfiable { size: u64 },
     /// The client did not (or could not) prove who it is; answered with regcache's challenge.
@@ -132,6 +134,7 @@ impl Error {
             BlobUnknown(_) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
             NotFound => ("UNSUPPORTED", StatusCode::NOT_FOUND),
             Unsupported(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
+            UriTooLong { .. } => ("URI_TOO_LONG", StatusCode::URI_TOO_LONG),
             RangeNotSatisfiable { .. } => ("RANGE_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
             Unauthorized { .. } | UpstreamChallenge { .. } => {
                 ("UNAUTHORIZED", StatusCode::UNAUTHORIZED)

@@ -29,6 +29,17 @@ struct Served {
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
+    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let max = proxy.config().limits.max_uri_length;
+    if target_len > max {
+        // Checked before anything looks at the path, and not logged in full.
+        tracing::debug!(len = target_len, "request target too long");
+        return Error::UriTooLong {
+            len: target_len,
+            max,
+        }
+        .to_response(method == Method::HEAD);
+    }
     let path = req.uri().path().to_owned();
     if let Some(resp) = operator_endpoint(&proxy, &method, &path) {
         return resp;

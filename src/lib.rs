@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -1,26 +1,38 @@
-//! The accept loop: HTTP/1.1 and h2c on one listener, and graceful shutdown that lets
+//! The accept loop: HTTP/1.1 and HTTP/2 on one listener (over TLS when `[tls]` is set, else
+//! h2c), the `[limits]` every connection lives within, and graceful shutdown that lets
 //! in-flight requests finish within a grace period.
+//!
+//! Limits: at most `max_connections` connections are served at once (the accept loop waits for
+//! a free slot, so further clients wait in the listen backlog); the TLS handshake and each
+//! request's headers must arrive within `header_read_timeout`; a connection with no request in
+//! progress for `idle_timeout` is closed. No lock or fill is owned by a connection: a client
+//! that stops reading only stalls its own response.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::body::Body;
+use crate::config::{Config, LimitsConfig};
 use crate::handler;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, StartError};
+use crate::tls::{Tls, TlsError};
 
 /// How long shutdown waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Deadline for a client to send its request headers (slow-header clients are dropped).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A bound, not yet serving, regcache.
 pub struct Server {
@@ -28,6 +40,7 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
     proxy: Arc<Proxy>,
+    tls: Option<Tls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,12 +52,18 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 impl Server {
     /// Opens the cache and binds the listener (port 0 picks a free port).
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let addr = config.listen;
+        let tls = match config.tls.files() {
+            Some((cert, key)) => Some(Tls::new(cert, key)?),
+            None => None,
+        };
         let proxy = Proxy::new(Arc::new(config))?;
         proxy.start_lifecycle();
         let listener = TcpListener::bind(addr)
@@ -71,6 +90,7 @@ impl Server {
             metrics_listener,
             admin_listener,
             proxy,
+            tls,
         })
     }
 
@@ -99,8 +119,9 @@ impl Server {
             metrics_listener,
             admin_listener,
             proxy,
+            tls,
         } = self;
-        tracing::info!(addr = %listener.local_addr().expect("bound"), data_dir = %proxy.config().data_dir.display(), "regcache listening");
+        tracing::info!(addr = %listener.local_addr().expect("bound"), tls = tls.is_some(), data_dir = %proxy.config().data_dir.display(), "regcache listening");
         notify_systemd("READY=1\nSTATUS=serving");
         let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
         if let Some(l) = metrics_listener {
@@ -114,18 +135,38 @@ impl Server {
         }
         if let Some(l) = admin_listener {
             tracing::info!(addr = %l.local_addr().expect("bound"), "admin API listening");
-            tokio::spawn(serve_side(l, Arc::clone(&proxy), metrics_stopped, true));
+            tokio::spawn(serve_side(
+                l,
+                Arc::clone(&proxy),
+                metrics_stopped.clone(),
+                true,
+            ));
         }
+        let limits = proxy.config().limits.clone();
+        let acceptor = tls.map(|t| {
+            let every = proxy.config().tls.reload_interval;
+            tokio::spawn(Arc::clone(&t.certificate).watch(every, metrics_stopped.clone()));
+            t.acceptor
+        });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(64 * 1024);
-        builder.http2().max_header_list_size(64 * 1024);
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes as usize);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32);
         let graceful = GracefulShutdown::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         tokio::pin!(shutdown);
         loop {
+            // A free slot first: past `max_connections`, new clients wait in the backlog.
+            let slot = tokio::select! {
+                slot = Arc::clone(&slots).acquire_owned() => slot.expect("never closed"),
+                () = &mut shutdown => break,
+            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -139,18 +180,33 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let connected = Connected::new(proxy.metrics());
-            let proxy = Arc::clone(&proxy);
-            let service = service_fn(move |req| {
-                let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, std::convert::Infallible>(handler::handle(proxy, req).await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn.into_owned());
+            let conn = Connection {
+                proxy: Arc::clone(&proxy),
+                builder: builder.clone(),
+                watcher: graceful.watcher(),
+                limits: limits.clone(),
+                peer,
+            };
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                match acceptor {
+                    None => conn.serve(stream).await,
+                    Some(acceptor) => {
+                        let handshake = tokio::time::timeout(
+                            limits.header_read_timeout,
+                            acceptor.accept(stream),
+                        );
+                        match handshake.await {
+                            Ok(Ok(tls)) => conn.serve(tls).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }
                 }
                 drop(connected);
+                drop(slot);
             });
         }
         drop(listener);
@@ -212,6 +268,125 @@ fn send_notify(_socket: &std::ffi::OsStr, _state: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One accepted client connection, before its protocol is known.
+struct Connection {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    limits: LimitsConfig,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, the connection has been idle
+    /// for `idle_timeout`, or graceful shutdown finishes it.
+    async fn serve<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            proxy,
+            builder,
+            watcher,
+            limits,
+            peer,
+        } = self;
+        let activity = Arc::new(Activity::new());
+        let active = Arc::clone(&activity);
+        let service = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            let busy = Busy::start(&active);
+            async move {
+                let resp = handler::handle(proxy, req).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = watcher.watch(conn.into_owned());
+        tokio::select! {
+            ended = conn => if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            },
+            () = activity.idle_for(limits.idle_timeout) => {
+                tracing::debug!(%peer, "idle connection closed");
+            }
+        }
+    }
+}
+
+/// Requests in progress on one connection, and since when it has had none.
+struct Activity {
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            active: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Completes once the connection has had no request in progress for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let since = *self.idle_since.lock().expect("idle lock");
+            if self.active.load(Ordering::SeqCst) == 0 && since.elapsed() >= limit {
+                return;
+            }
+            // Busy or recently busy: look again when the quiet period could be over.
+            tokio::time::sleep_until(since + limit).await;
+            if self.active.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(limit).await;
+            }
+        }
+    }
+}
+
+/// One request in progress: from its headers until its response body is done or dropped.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: &Arc<Activity>) -> Busy {
+        activity.active.fetch_add(1, Ordering::SeqCst);
+        Busy(Arc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().expect("idle lock") = Instant::now();
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it is dropped.
+struct Tracked {
+    body: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Counts an open client connection in `regcache_client_connections` while alive.
 struct Connected(Arc<Metrics>);
 
@@ -236,6 +411,7 @@ async fn serve_side(
     mut stopped: tokio::sync::watch::Receiver<bool>,
     admin: bool,
 ) {
+    let header_read_timeout = proxy.config().limits.header_read_timeout;
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -266,7 +442,7 @@ async fn serve_side(
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             // A scraper's keep-alive connection must not outlive the server (it holds the
             // proxy, and with it the index).

@@ -36,6 +36,20 @@ pub const DEFAULT_MAX_CONCURRENT: usize = 32;
 pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(15);
+/// How often the TLS certificate and key files are checked for changes.
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// Client connections served at once; more wait in the listen backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Deadline for a client's TLS handshake and each request's headers (slowloris).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no request in progress for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Request line plus headers, in bytes (HTTP/1.1 read buffer, HTTP/2 header list).
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+/// The smallest `max_header_bytes` hyper accepts.
+pub const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
+/// Longest request target (path and query) answered; longer gets 414.
+pub const DEFAULT_MAX_URI_LENGTH: usize = 8 * 1024;
 /// The namespace Docker Hub gives one-component names (`alpine` -> `library/alpine`).
 pub const DOCKER_HUB_LIBRARY: &str = "library";
 pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
@@ -74,6 +88,11 @@ pub struct Config {
     /// (`docker.io/library/*`).
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// HTTPS on `listen` (off unless both files are given).
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 pub const DEFAULT_AUTH_REALM: &str = "regcache";
@@ -161,6 +180,29 @@ impl Default for AuthConfig {
     }
 }
 
+/// The main listener's certificate and key (PEM), reloaded on SIGHUP and when they change.
+/// The metrics and admin listeners stay plain HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// How often the files are checked for changes; "0s": only on SIGHUP.
+    #[serde(default = "d_tls_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            reload_interval: DEFAULT_TLS_RELOAD_INTERVAL,
+        }
+    }
+}
+
 impl AuthConfig {
     /// Whether clients must (or may) authenticate.
     pub fn is_enabled(&self) -> bool {
@@ -173,6 +215,67 @@ fn d_auth_realm() -> String {
 }
 fn d_auth_cache_ttl() -> Duration {
     DEFAULT_AUTH_CACHE_TTL
+}
+
+fn d_tls_reload_interval() -> Duration {
+    DEFAULT_TLS_RELOAD_INTERVAL
+}
+
+impl TlsConfig {
+    /// Certificate and key paths, when TLS is on.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert.as_deref()?, self.key.as_deref()?))
+    }
+}
+
+/// What one client may take of the server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Client connections served at once; further ones are not accepted until one closes
+    /// (they wait in the kernel's listen backlog).
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    /// Deadline for the TLS handshake and for each request's headers.
+    #[serde(default = "d_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress for this long is closed.
+    #[serde(default = "d_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Request line plus headers; larger gets 431 (HTTP/1.1) or a stream reset (HTTP/2).
+    #[serde(default = "d_max_header_bytes", deserialize_with = "de_size")]
+    pub max_header_bytes: u64,
+    /// Longest request target (path and query); longer gets 414.
+    #[serde(default = "d_max_uri_length")]
+    pub max_uri_length: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_uri_length: DEFAULT_MAX_URI_LENGTH,
+        }
+    }
+}
+
+fn d_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn d_header_read_timeout() -> Duration {
+    DEFAULT_HEADER_READ_TIMEOUT
+}
+fn d_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn d_max_header_bytes() -> u64 {
+    DEFAULT_MAX_HEADER_BYTES
+}
+fn d_max_uri_length() -> usize {
+    DEFAULT_MAX_URI_LENGTH
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -771,6 +874,47 @@ impl Config {
                     ));
                 }
             }
+        }
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::tls::load(cert, key) {
+                    let at = match &e {
+                        crate::tls::TlsError::Read { path, .. }
+                        | crate::tls::TlsError::Parse { path, .. }
+                            if path == key =>
+                        {
+                            "tls.key"
+                        }
+                        _ => "tls.cert",
+                    };
+                    p.push(format!("{at}: {e}"));
+                }
+            }
+            (Some(_), None) => p.push("tls.key: tls.cert is set; give its key too".to_owned()),
+            (None, Some(_)) => {
+                p.push("tls.cert: tls.key is set; give its certificate too".to_owned())
+            }
+            (None, None) => {}
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            p.push("limits.max_connections: must be at least 1".to_owned());
+        }
+        for (key, d) in [
+            ("header_read_timeout", l.header_read_timeout),
+            ("idle_timeout", l.idle_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(format!("limits.{key}: must be more than zero"));
+            }
+        }
+        if l.max_header_bytes < MIN_MAX_HEADER_BYTES || l.max_header_bytes > u32::MAX as u64 {
+            p.push(format!(
+                "limits.max_header_bytes: must be between {MIN_MAX_HEADER_BYTES} bytes and 4GiB"
+            ));
+        }
+        if l.max_uri_length < 256 {
+            p.push("limits.max_uri_length: must be at least 256".to_owned());
         }
         for (alias, target) in &self.aliases {
             let key = format!("aliases.\"{alias}\"");
