@@ -50,8 +50,8 @@ VOLUME /var/lib/regcache
 # 5000: registry API (+ /metrics, /healthz, /readyz); 9090: /metrics, /healthz, /readyz only.
 EXPOSE 5000 9090
 # No shell or curl here: the binary checks itself. `regcache health` asks /healthz on the
-# configured `listen` (REGCACHE_LISTEN or the file; 0.0.0.0 is reached on 127.0.0.1), so it
-# follows a changed port.
+# configured `metrics_listen` (plain HTTP even when `listen` has TLS on), else on `listen`;
+# 0.0.0.0 is reached on 127.0.0.1, so it follows a changed port.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["/usr/local/bin/regcache", "health"]
 ENTRYPOINT ["/usr/local/bin/regcache"]

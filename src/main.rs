@@ -46,12 +46,13 @@ enum Command {
         file: Option<PathBuf>,
     },
     /// Ask a running server whether it is alive (`/healthz`) or ready (`/readyz`); exits
-    /// non-zero if not. For container health checks, where there is no curl.
+    /// non-zero if not. For container health checks, where there is no curl. Asks
+    /// `metrics_listen` when set, else `listen`.
     Health {
         /// Config file naming the listen address; without it the embedded default is used.
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
-        /// The server's address (overrides the config's `listen`).
+        /// The server's address (overrides the config's `metrics_listen` and `listen`).
         #[arg(long, value_name = "ADDR")]
         addr: Option<std::net::SocketAddr>,
         /// Ask `/readyz` (index and data dir usable) instead of `/healthz`.
@@ -233,7 +234,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let addr = match addr {
                 Some(a) => a,
                 None => {
-                    let mut a = Config::load(config.as_deref())?.listen;
+                    // The metrics listener when there is one: it speaks plain HTTP even when
+                    // `listen` has TLS on.
+                    let c = Config::load(config.as_deref())?;
+                    let mut a = match (c.metrics_listen, c.tls.files()) {
+                        (Some(m), _) => m,
+                        (None, None) => c.listen,
+                        (None, Some(_)) => anyhow::bail!(
+                            "tls is on for listen: set metrics_listen (plain HTTP) for health checks, or pass --addr"
+                        ),
+                    };
                     // A wildcard listener is reached on loopback.
                     if a.ip().is_unspecified() {
                         a.set_ip(if a.is_ipv4() {

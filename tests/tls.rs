@@ -281,6 +281,7 @@ fn binary() -> Command {
 struct Served {
     child: Child,
     addr: SocketAddr,
+    config: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -288,12 +289,13 @@ struct Served {
 impl Served {
     fn start(cert: &Path, key: &Path, reload_interval: &str) -> Served {
         let dir = tempfile::tempdir().unwrap();
-        let port = common::free_port();
+        let (port, metrics_port) = (common::free_port(), common::free_port());
         let config = dir.path().join("regcache.toml");
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"info\"\n\
+                "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                 data_dir = \"{}\"\n[log]\nlevel = \"info\"\n\
                  [tls]\ncert = \"{}\"\nkey = \"{}\"\nreload_interval = \"{reload_interval}\"\n\
                  [upstreams.\"docker.io\"]\nurls = [\"http://127.0.0.1:1\"]\n",
                 dir.path().join("data").display(),
@@ -315,6 +317,7 @@ impl Served {
         Served {
             child,
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            config,
             log,
             _dir: dir,
         }
@@ -387,6 +390,18 @@ async fn replace_certificate(by_sighup: bool) {
     let mut open = served.connect(&config).await;
     assert_eq!(leaf_of(&open), first.der);
     assert_eq!(get_keepalive(&mut open, "/v2/").await, 200);
+    // With TLS on `listen`, `regcache health` (the container health check) asks the plain
+    // metrics listener.
+    let health = binary()
+        .args(["health", "--ready", "--config"])
+        .arg(&served.config)
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
 
     let second = ca.leaf("regcache-two", 2);
     second.install(&cert, &key);
