@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::{Method, header};
 
 use super::isolation::Kind;
-use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, send};
+use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, head, send};
 use crate::cache::flight::{Fill, FillSpec, Reader};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
@@ -223,18 +223,7 @@ impl Proxy {
         client: &ClientInfo,
     ) -> Result<Option<u64>> {
         let path = format!("blobs/{digest}");
-        let resp = send(
-            t,
-            UpstreamRequest {
-                method: Method::HEAD,
-                repo: &t.repo,
-                path: &path,
-                query: None,
-                accept: None,
-                client_auth: client.authorization.as_ref(),
-            },
-        )
-        .await?;
+        let resp = head(t, &path, None, client).await?;
         if resp.status() == http::StatusCode::NOT_FOUND {
             return Ok(None);
         }

@@ -15,13 +15,12 @@
 //!   `WWW-Authenticate`) or 403 goes back to the client before anything cached is served.
 //! - Upstreams without credentials only ever hold public content: no extra checks.
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 
-use super::{ClientInfo, Proxy, Target, send, status_error};
+use super::{ClientInfo, Proxy, Target, head, status_error};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
 use crate::oci::media_type::UPSTREAM_ACCEPT;
-use crate::upstream::UpstreamRequest;
 
 /// What kind of object a check is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,16 +132,11 @@ impl Proxy {
         client: &ClientInfo,
     ) -> Result<bool> {
         let path = kind.path(reference);
-        let resp = send(
+        let resp = head(
             t,
-            UpstreamRequest {
-                method: Method::HEAD,
-                repo: &t.repo,
-                path: &path,
-                query: None,
-                accept: (kind == Kind::Manifest).then_some(UPSTREAM_ACCEPT),
-                client_auth: client.authorization.as_ref(),
-            },
+            &path,
+            (kind == Kind::Manifest).then_some(UPSTREAM_ACCEPT),
+            client,
         )
         .await?;
         match resp.status() {

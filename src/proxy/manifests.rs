@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::{Method, StatusCode, header};
 
 use super::isolation::Kind;
-use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, read_document, send, status_error};
+use super::{
+    CacheResult, ClientInfo, Proxy, Target, expect_ok, head, read_document, send, status_error,
+};
 use crate::cache::index::{ManifestEntry, TagEntry, millis};
 use crate::error::{Error, Result};
 use crate::oci::DIGEST_HEADER;
@@ -199,18 +201,7 @@ impl Proxy {
     ) -> Result<Revalidation> {
         let up = &t.upstream.name;
         let path = format!("manifests/{tag}");
-        let resp = send(
-            t,
-            UpstreamRequest {
-                method: Method::HEAD,
-                repo: &t.repo,
-                path: &path,
-                query: None,
-                accept: Some(UPSTREAM_ACCEPT),
-                client_auth: client.authorization.as_ref(),
-            },
-        )
-        .await?;
+        let resp = head(t, &path, Some(UPSTREAM_ACCEPT), client).await?;
         let status = resp.status();
         let current = resp
             .headers()

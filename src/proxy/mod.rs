@@ -453,6 +453,28 @@ impl Proxy {
 }
 
 /// Sends a request to a target's upstream, mapping transport failures.
+/// A `HEAD` of `path` (e.g. `blobs/<digest>`) in the target's repository, with the client's
+/// credentials where the upstream passes them on.
+async fn head(
+    t: &Target,
+    path: &str,
+    accept: Option<&str>,
+    client: &ClientInfo,
+) -> Result<Response<Incoming>> {
+    send(
+        t,
+        UpstreamRequest {
+            method: http::Method::HEAD,
+            repo: &t.repo,
+            path,
+            query: None,
+            accept,
+            client_auth: client.authorization.as_ref(),
+        },
+    )
+    .await
+}
+
 async fn send(t: &Target, req: UpstreamRequest<'_>) -> Result<Response<Incoming>> {
     t.upstream.send(req).await.map_err(|source| match source {
         UpstreamError::RateLimited(d) => Error::UpstreamRateLimited {
