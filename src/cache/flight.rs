@@ -258,12 +258,7 @@ impl Reader {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 let len = (limit - self.pos).min(READ_CHUNK) as usize;
                 let (file, pos) = (Arc::clone(&self.file), self.pos);
-                let chunk = blocking(move || {
-                    let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, pos)?;
-                    Ok(Bytes::from(buf))
-                })
-                .await;
+                let chunk = blocking(move || read_at(&file, pos, len)).await;
                 match &chunk {
                     Ok(b) => self.pos += b.len() as u64,
                     Err(_) => self.done = true,
@@ -280,6 +275,21 @@ impl Reader {
             }
         }
     }
+}
+
+/// Reads `len` bytes at `pos` into a fresh buffer. The bytes land in the buffer's
+/// uninitialised capacity: no zero-fill pass over every byte a hot blob serves.
+fn read_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = pos + buf.len() as u64;
+        if rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // The capacity may exceed `len`: keep exactly what was asked for.
+    buf.truncate(len);
+    Ok(Bytes::from(buf))
 }
 
 /// What a fill needs to know about its blob and where to put it.
