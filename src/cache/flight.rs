@@ -166,6 +166,14 @@ impl Fill {
         }
     }
 
+    /// Waits until the fill's task has ended (its progress sender is dropped last, after the
+    /// commit, `on_commit` and leaving the flight): on success the blob is then committed and
+    /// indexed.
+    pub async fn settled(&self) {
+        let mut rx = self.progress.clone();
+        while rx.changed().await.is_ok() {}
+    }
+
     /// Whether every byte is written and verified (the commit may still be under way).
     pub fn is_done(&self) -> bool {
         matches!(*self.progress.borrow(), Progress::Done { .. })

@@ -92,23 +92,15 @@ impl Proxy {
                 } else if let Some(n) = answer.size {
                     out.bytes += n;
                 }
-                if matches!(answer.body, BlobBody::Fill(_)) {
-                    self.committed_fill(&t.upstream.name, &d).await;
+                // A warm is done only when its blobs are in the cache, which is just after
+                // their last byte.
+                if let BlobBody::Fill(fill) = &answer.body {
+                    fill.settled().await;
                 }
                 out.objects += 1;
             }
         }
         Ok(out)
-    }
-
-    /// Waits (a bounded while) for the fill of `digest` to leave the flight: it commits and
-    /// indexes the blob just after its last byte, and a warm is done only when the blob is
-    /// in the cache.
-    async fn committed_fill(&self, upstream: &str, digest: &Digest) {
-        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while self.fills.get(upstream, digest).is_some() && tokio::time::Instant::now() < until {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
     }
 
     /// Forgets a tag (and removes the manifest it named), or removes one object by digest,
