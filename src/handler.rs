@@ -13,6 +13,7 @@ use tracing::{Instrument, field};
 use crate::body::Body;
 use crate::cache::flight::Reader;
 use crate::error::{Error, Origin, Result};
+use crate::oci::image_ref::Name;
 use crate::oci::route::{self, Route};
 use crate::oci::{API_VERSION_HEADER, DIGEST_HEADER, range};
 
@@ -302,6 +303,12 @@ async fn dispatch<B>(
             .filter(|_| !access.is_enabled())
             .cloned(),
     };
+    let to = Reaching {
+        proxy,
+        who: &who,
+        ns: parsed.ns.as_deref(),
+        span: &span,
+    };
     match parsed.route {
         Route::Base => {
             access.check_base(&who)?;
@@ -310,15 +317,7 @@ async fn dispatch<B>(
         Route::Catalog | Route::Referrers { .. } => Err(Error::NotFound),
         Route::Upload { .. } => Err(Error::Unsupported("pushing".into())),
         Route::Manifest { name, reference } => {
-            let t = proxy.resolve(&name, parsed.ns.as_deref())?;
-            record_target(
-                &span,
-                &t.upstream.name,
-                t.repo.as_str(),
-                &reference.to_string(),
-            );
-            served.upstream.clone_from(&t.upstream.name);
-            access.authorize(&who, &t.upstream.name, t.repo.as_str())?;
+            let t = target(&to, &name, &reference.to_string(), served)?;
             let (m, cache) = proxy.manifest(&t, &reference, &client).await?;
             span.record("cache", cache.as_str());
             served.cache = Some(cache);
@@ -338,15 +337,7 @@ async fn dispatch<B>(
             resp.body(body).map_err(|e| Error::Internal(e.to_string()))
         }
         Route::Blob { name, digest } => {
-            let t = proxy.resolve(&name, parsed.ns.as_deref())?;
-            record_target(
-                &span,
-                &t.upstream.name,
-                t.repo.as_str(),
-                &digest.to_string(),
-            );
-            served.upstream.clone_from(&t.upstream.name);
-            access.authorize(&who, &t.upstream.name, t.repo.as_str())?;
+            let t = target(&to, &name, &digest.to_string(), served)?;
             let answer = proxy.blob(&t, &digest, head, &client).await?;
             span.record("cache", answer.cache.as_str());
             served.cache = Some(answer.cache);
@@ -420,10 +411,7 @@ async fn dispatch<B>(
                 .map_err(|e| Error::Internal(e.to_string()))
         }
         Route::TagsList { name } => {
-            let t = proxy.resolve(&name, parsed.ns.as_deref())?;
-            record_target(&span, &t.upstream.name, t.repo.as_str(), "tags/list");
-            served.upstream.clone_from(&t.upstream.name);
-            access.authorize(&who, &t.upstream.name, t.repo.as_str())?;
+            let t = target(&to, &name, "tags/list", served)?;
             let (list, cache) = proxy
                 .tags_list(&t, req.uri().query().map(strip_ns).as_deref(), &client)
                 .await?;
@@ -453,10 +441,32 @@ async fn dispatch<B>(
     }
 }
 
-fn record_target(span: &tracing::Span, upstream: &str, repo: &str, reference: &str) {
-    span.record("upstream", upstream);
-    span.record("repo", repo);
-    span.record("reference", reference);
+/// What every route that reaches an upstream needs to find its target.
+struct Reaching<'a> {
+    proxy: &'a Proxy,
+    who: &'a crate::access::Client,
+    ns: Option<&'a str>,
+    span: &'a tracing::Span,
+}
+
+/// Resolves `name` to its upstream and repository, names them in the request's span and
+/// metrics, and checks that the client may pull it (before any cache lookup or upstream
+/// contact).
+fn target(
+    to: &Reaching<'_>,
+    name: &Name,
+    reference: &str,
+    served: &mut Served,
+) -> Result<crate::proxy::Target> {
+    let t = to.proxy.resolve(name, to.ns)?;
+    to.span.record("upstream", t.upstream.name.as_str());
+    to.span.record("repo", t.repo.as_str());
+    to.span.record("reference", reference);
+    served.upstream.clone_from(&t.upstream.name);
+    to.proxy
+        .access()
+        .authorize(to.who, &t.upstream.name, t.repo.as_str())?;
+    Ok(t)
 }
 
 fn json_response(status: StatusCode, body: &'static str, head: bool) -> Response<Body> {
