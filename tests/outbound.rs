@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -207,34 +207,6 @@ async fn the_environment_proxy_is_used_unless_no_proxy_names_the_host() {
     assert!(meter.count("GET", "/v2/library/envproxy/manifests/2") >= 1);
 }
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`:
-/// (ca.crt, server.crt, server.key).
-fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "regcache test upstream CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "127.0.0.1");
-    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    let paths = (
-        dir.join("ca.crt"),
-        dir.join("server.crt"),
-        dir.join("server.key"),
-    );
-    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
-
 /// A second `docker-registry` serving `plain`'s storage over TLS with `cert`/`key`.
 struct TlsRegistry {
     child: Child,
@@ -290,7 +262,14 @@ impl Drop for TlsRegistry {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_upstream_is_trusted_through_its_ca_or_by_explicit_insecure_opt_in_only() {
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = make_certs(certs.path());
+    let authority = common::certs::Ca::new();
+    let (ca, cert, key) = (
+        certs.path().join("ca.crt"),
+        certs.path().join("server.crt"),
+        certs.path().join("server.key"),
+    );
+    std::fs::write(&ca, authority.pem()).unwrap();
+    authority.leaf("127.0.0.1", 1).install(&cert, &key);
     let plain = Registry::start().await;
     let img = Image::simple(820, 2);
     plain.push("library/tlsup", "1", &img).await;

@@ -4,6 +4,7 @@
 //! cannot do on demand (token auth, wrong bytes, stalls, redirects).
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod clients;
 pub mod fake;
 pub mod image;
