@@ -133,6 +133,7 @@ fn source_of(cache: CacheResult) -> &'static str {
     match cache {
         CacheResult::Hit | CacheResult::Stale | CacheResult::Revalidated => "cache",
         CacheResult::Miss | CacheResult::Coalesced | CacheResult::Passthrough => "upstream",
+        CacheResult::Shared => "bucket",
     }
 }
 

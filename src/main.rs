@@ -216,6 +216,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("  listen:      {}", config.listen);
             println!("  data_dir:    {}", config.data_dir.display());
+            if config.storage.kind == regcache::config::StorageKind::S3 {
+                let s3 = &config.storage.s3;
+                println!(
+                    "  storage:     s3 bucket {} at {}",
+                    s3.bucket.as_deref().unwrap_or_default(),
+                    s3.endpoint.as_deref().unwrap_or("AWS")
+                );
+            }
             for (name, u) in &config.upstreams {
                 let default = if *name == config.default_upstream {
                     " (default)"

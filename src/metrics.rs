@@ -61,6 +61,10 @@ pub struct Metrics {
     pub fill_duration: Histogram,
     /// Requests refused by access control, by reason.
     pub access_denied: IntCounterVec,
+    /// Shared bucket requests by operation and result.
+    pub bucket_requests: IntCounterVec,
+    /// Shared bucket body bytes, by direction (read, written).
+    pub bucket_bytes: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -215,6 +219,16 @@ impl Metrics {
                 "regcache_access_denied_total",
                 "Client requests refused by access control, by reason: no_credentials, bad_credentials, policy (allow/deny lists), rule (no auth.rules grant), isolation (a cached digest not known in the asked repository), upstream (a pass_client_auth upstream refused the client).",
                 &["reason"],
+            ),
+            bucket_requests: counter(
+                "regcache_bucket_requests_total",
+                "Requests to the shared bucket (storage.kind = \"s3\") by operation (head, get, put, delete) and result (ok, not_found, error, timeout, aborted: a failed fill's upload).",
+                &["op", "result"],
+            ),
+            bucket_bytes: counter(
+                "regcache_bucket_bytes_total",
+                "Blob bytes read from and written to the shared bucket.",
+                &["direction"],
             ),
             registry: registry.clone(),
         };

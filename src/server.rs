@@ -123,6 +123,16 @@ impl Server {
         } = self;
         tracing::info!(addr = %listener.local_addr().expect("bound"), tls = tls.is_some(), data_dir = %proxy.config().data_dir.display(), "regcache listening");
         notify_systemd("READY=1\nSTATUS=serving");
+        if let Some(bucket) = proxy.bucket().cloned() {
+            tokio::spawn(async move {
+                match bucket.check().await {
+                    Ok(()) => tracing::info!(bucket = %bucket.name(), "shared bucket reachable"),
+                    Err(e) => {
+                        tracing::warn!(bucket = %bucket.name(), error = %e, "shared bucket not reachable; blobs come from upstream until it is")
+                    }
+                }
+            });
+        }
         let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
         if let Some(l) = metrics_listener {
             tracing::info!(addr = %l.local_addr().expect("bound"), "metrics listening");

@@ -392,3 +392,38 @@ fn systemd_unit_is_sandboxed() {
         .unwrap_or_else(|| panic!("no exposure level in\n{stdout}\n{stderr}"));
     assert!(level <= 2.0, "exposure {level} (was 1.4):\n{stdout}");
 }
+
+#[test]
+fn scale_out_overlay_is_the_base_plus_a_shared_bucket() {
+    let base = toml_file("deploy/kubernetes/regcache.toml");
+    let mut scale = toml_file("deploy/kubernetes/scale-out/regcache.toml");
+    let storage = scale.remove("storage").expect("a [storage] table");
+    assert_eq!(
+        scale, base,
+        "apart from [storage], the overlay's config is the base's"
+    );
+    assert_eq!(storage["kind"].as_str(), Some("s3"));
+
+    // The secret file the config names is the one the patch mounts.
+    let patch = read("deploy/kubernetes/scale-out/statefulset-patch.yaml");
+    let secret_file = storage["s3"]["secret_access_key_file"].as_str().unwrap();
+    let mount = value(&block(&patch, "volumeMounts"), "mountPath");
+    let item = value(&block(&patch, "items"), "path");
+    assert_eq!(secret_file, format!("{mount}/{item}"));
+    assert!(patch.contains("name: REGCACHE_STORAGE__S3__ACCESS_KEY_ID"));
+
+    // check-config accepts it once the mounted secret exists.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret_access_key");
+    std::fs::write(&secret, "s3cr3t\n").unwrap();
+    let text = read("deploy/kubernetes/scale-out/regcache.toml")
+        .replace(secret_file, secret.to_str().unwrap());
+    let config = regcache::Config::parse(&text, Path::new("scale-out/regcache.toml")).unwrap();
+    config.validate().unwrap();
+
+    let k = read("deploy/kubernetes/scale-out/kustomization.yaml");
+    for rel in ["regcache.toml", "statefulset-patch.yaml"] {
+        assert!(k.contains(rel), "kustomization.yaml uses {rel}");
+    }
+    assert!(k.contains("- ../"), "the overlay builds on the base");
+}

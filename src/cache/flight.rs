@@ -24,6 +24,8 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
+use super::bucket::Bucket;
+
 use super::blobs::{Store, blocking};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -110,6 +112,9 @@ pub struct Fill {
     progress: watch::Receiver<Progress>,
     /// The latest received bytes, so readers that keep up take them from memory.
     window: Arc<Window>,
+    /// Whether the bytes come from the shared bucket rather than upstream (known once
+    /// started).
+    from_bucket: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How many of the most recently received bytes a fill keeps in memory for its readers: more
@@ -172,6 +177,11 @@ impl Fill {
     pub async fn settled(&self) {
         let mut rx = self.progress.clone();
         while rx.changed().await.is_ok() {}
+    }
+
+    /// Whether the bytes come from the shared bucket, not upstream (once started).
+    pub fn from_bucket(&self) -> bool {
+        self.from_bucket.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether every byte is written and verified (the commit may still be under way).
@@ -306,6 +316,50 @@ pub struct FillSpec {
     pub digest: Digest,
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// The shared tier: a blob fetched from upstream is also written there.
+    pub bucket: Option<Arc<Bucket>>,
+}
+
+/// A fill's byte source's body.
+pub type SourceBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Where a fill's bytes come from: upstream's answer, or the shared bucket's copy.
+pub struct Source {
+    size: Option<u64>,
+    body: SourceBody,
+    from_bucket: bool,
+    /// Held until the last byte: an upstream answer's parts carry its upstream slot (see
+    /// `Upstream::send`).
+    _hold: Option<http::response::Parts>,
+}
+
+impl Source {
+    /// Upstream's 200 answer.
+    pub fn upstream(resp: Response<Incoming>) -> Source {
+        let size = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let (parts, body) = resp.into_parts();
+        Source {
+            size,
+            body: body.map_err(Into::into).boxed_unsync(),
+            from_bucket: false,
+            _hold: Some(parts),
+        }
+    }
+
+    /// The shared bucket's copy.
+    pub fn bucket(size: Option<u64>, body: SourceBody) -> Source {
+        Source {
+            size,
+            body,
+            from_bucket: true,
+            _hold: None,
+        }
+    }
 }
 
 type FillKey = (String, Digest);
@@ -344,7 +398,7 @@ impl Fills {
         on_commit: C,
     ) -> io::Result<(Arc<Fill>, bool)>
     where
-        S: Future<Output = Result<Response<Incoming>, Error>> + Send + 'static,
+        S: Future<Output = Result<Source, Error>> + Send + 'static,
         C: FnOnce(u64) + Send + 'static,
     {
         let key = (spec.upstream.name.clone(), spec.digest.clone());
@@ -359,14 +413,16 @@ impl Fills {
             file: Arc::clone(&temp.file),
             progress: rx,
             window: Arc::default(),
+            from_bucket: Arc::default(),
         });
         map.insert(key.clone(), Arc::clone(&fill));
         let fills = Arc::clone(self);
         let window = Arc::clone(&fill.window);
+        let from_bucket = Arc::clone(&fill.from_bucket);
         tokio::spawn(async move {
             spec.metrics.fills_in_flight.inc();
             let started = std::time::Instant::now();
-            let result = run_fill(&spec, temp, source, &tx, &window).await;
+            let result = run_fill(&spec, temp, source, &tx, &window, &from_bucket).await;
             match result {
                 Ok(size) => {
                     spec.metrics
@@ -375,8 +431,13 @@ impl Fills {
                     on_commit(size)
                 }
                 Err(e) => {
-                    if let Error::DigestMismatch { .. } = e {
-                        spec.upstream.count_error("digest_mismatch");
+                    let corrupt = matches!(e, Error::DigestMismatch { .. });
+                    match &spec.bucket {
+                        Some(b) if from_bucket.load(std::sync::atomic::Ordering::Relaxed) => {
+                            b.failed(&spec.upstream.name, &spec.digest, corrupt)
+                        }
+                        _ if corrupt => spec.upstream.count_error("digest_mismatch"),
+                        _ => {}
                     }
                     tracing::warn!(upstream = %spec.upstream.name, digest = %spec.digest, error = %e, "blob fill failed; nothing cached");
                     let _ = tx.send(Progress::Failed(Arc::new(e)));
@@ -401,24 +462,37 @@ async fn run_fill<S>(
     source: S,
     tx: &Arc<watch::Sender<Progress>>,
     window: &Arc<Window>,
+    from_bucket: &std::sync::atomic::AtomicBool,
 ) -> Result<u64, Error>
 where
-    S: Future<Output = Result<Response<Incoming>, Error>>,
+    S: Future<Output = Result<Source, Error>>,
 {
-    let resp = source.await?;
-    let size: Option<u64> = resp
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let mut source = source.await?;
+    let size = source.size;
+    let bucket_bytes = source.from_bucket;
+    from_bucket.store(bucket_bytes, std::sync::atomic::Ordering::Relaxed);
     let _ = tx.send(Progress::Streaming {
         readable: 0,
         on_disk: 0,
         size,
     });
-    // The parts carry the upstream slot (see `Upstream::send`): held until the last byte.
-    let (_slot, mut body) = resp.into_parts();
+    if let Some(bucket) = spec.bucket.as_ref().filter(|_| !bucket_bytes) {
+        // The shared tier gets the blob too, following the temp file at its own pace.
+        let reader = Reader {
+            file: Arc::clone(&temp.file),
+            progress: Some(tx.subscribe()),
+            window: Some(Arc::clone(window)),
+            pos: 0,
+            end: None,
+            done: false,
+        };
+        bucket.upload(&spec.upstream.name, &spec.digest, reader);
+    }
+    let body = &mut source.body;
     let upstream_err = |source: crate::upstream::UpstreamError| {
+        if bucket_bytes {
+            return Error::Storage(io::Error::other(format!("shared bucket: {source}")));
+        }
         if let Some(reason) = source.reason() {
             spec.upstream.count_error(reason);
         }
@@ -485,7 +559,9 @@ where
                 "body longer than its Content-Length".into(),
             )));
         }
-        spec.upstream.count_fetched(batch_len as u64);
+        if !bucket_bytes {
+            spec.upstream.count_fetched(batch_len as u64);
+        }
         // Readers take the new bytes from memory at once, while the writer hashes and writes
         // them on the other core. The final byte (or, size unknown, this batch) waits for the
         // digest check.
@@ -521,7 +597,11 @@ where
     let actual = verifier.finish();
     if actual != spec.digest {
         return Err(Error::DigestMismatch {
-            upstream: spec.upstream.name.clone(),
+            upstream: if bucket_bytes {
+                format!("{} (the shared bucket's copy)", spec.upstream.name)
+            } else {
+                spec.upstream.name.clone()
+            },
             expected: spec.digest.to_string(),
             actual: actual.to_string(),
         });

@@ -1,6 +1,7 @@
 //! The local cache: content-addressed files, the sled index, and single-flight fills.
 
 pub mod blobs;
+pub mod bucket;
 pub mod flight;
 pub mod index;
 pub mod lifecycle;

@@ -93,6 +93,10 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Where blobs live besides the data dir: nothing more (`local`), or a bucket shared by
+    /// every replica (`s3`).
+    #[serde(default)]
+    pub storage: StorageConfig,
 }
 
 pub const DEFAULT_AUTH_REALM: &str = "regcache";
@@ -225,6 +229,137 @@ impl TlsConfig {
     /// Certificate and key paths, when TLS is on.
     pub fn files(&self) -> Option<(&Path, &Path)> {
         Some((self.cert.as_deref()?, self.key.as_deref()?))
+    }
+}
+
+/// The blob tiers. `local`: the data dir only. `s3`: the data dir stays the hot tier (bounded
+/// by `cache.max_size`), and verified blobs are also written to an S3-compatible bucket that
+/// every replica reads before asking upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub kind: StorageKind,
+    #[serde(default)]
+    pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    #[default]
+    Local,
+    S3,
+}
+
+/// An S3-compatible bucket (AWS S3, MinIO, Ceph RGW, Garage). Unset credentials and region
+/// come from the usual `AWS_*` variables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// The S3 API's base URL; unset: AWS for `region`.
+    pub endpoint: Option<String>,
+    pub bucket: Option<String>,
+    pub region: Option<String>,
+    /// Key prefix under which regcache keeps its objects ("" or "cache/").
+    #[serde(default)]
+    pub prefix: String,
+    /// Path-style requests (`endpoint/bucket/key`), as MinIO, Ceph and Garage need; false:
+    /// virtual-hosted style (`bucket.endpoint/key`).
+    #[serde(default = "d_true")]
+    pub path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    /// A file holding the secret access key (a mounted Kubernetes secret).
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Deadline for a bucket request's answer (a body is then bound by silence, as upstream
+    /// bodies are).
+    #[serde(default = "d_s3_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Blobs written to the bucket at once; more wait (they read from local disk).
+    #[serde(default = "d_s3_max_uploads")]
+    pub max_uploads: usize,
+    /// Part size of multipart uploads; a smaller blob is one PUT. S3's minimum is 5MiB.
+    #[serde(default = "d_s3_part_size", deserialize_with = "de_size")]
+    pub part_size: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            bucket: None,
+            region: None,
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            secret_access_key_file: None,
+            timeout: d_s3_timeout(),
+            max_uploads: d_s3_max_uploads(),
+            part_size: d_s3_part_size(),
+        }
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_s3_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_s3_max_uploads() -> usize {
+    4
+}
+fn d_s3_part_size() -> u64 {
+    8 << 20
+}
+
+impl S3Config {
+    fn check(&self, p: &mut Vec<String>) {
+        if self.bucket.as_deref().is_none_or(str::is_empty) {
+            p.push("storage.s3.bucket: storage.kind is \"s3\"; name the bucket".to_owned());
+        }
+        if let Some(raw) = &self.endpoint {
+            match url::Url::parse(raw) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => p.push(format!(
+                    "storage.s3.endpoint: {raw:?} must be an http(s) URL with a host"
+                )),
+            }
+        }
+        if self.secret_access_key.is_some() && self.secret_access_key_file.is_some() {
+            p.push(
+                "storage.s3: set secret_access_key or secret_access_key_file, not both".to_owned(),
+            );
+        }
+        if let Some(f) = &self.secret_access_key_file
+            && !f.is_file()
+        {
+            p.push(format!(
+                "storage.s3.secret_access_key_file: {} is not a readable file",
+                f.display()
+            ));
+        }
+        if self
+            .prefix
+            .split('/')
+            .any(|part| part == "." || part == "..")
+        {
+            p.push(format!(
+                "storage.s3.prefix: {:?} may not contain . or ..",
+                self.prefix
+            ));
+        }
+        if self.max_uploads == 0 {
+            p.push("storage.s3.max_uploads: must be at least 1".to_owned());
+        }
+        if self.timeout.is_zero() {
+            p.push("storage.s3.timeout: must be more than zero".to_owned());
+        }
+        if !(5 << 20..=5 << 30).contains(&self.part_size) {
+            p.push("storage.s3.part_size: must be between 5MiB and 5GiB (S3's limits)".to_owned());
+        }
     }
 }
 
@@ -915,6 +1050,9 @@ impl Config {
         }
         if l.max_uri_length < 256 {
             p.push("limits.max_uri_length: must be at least 256".to_owned());
+        }
+        if self.storage.kind == StorageKind::S3 {
+            self.storage.s3.check(&mut p);
         }
         for (alias, target) in &self.aliases {
             let key = format!("aliases.\"{alias}\"");

@@ -153,8 +153,10 @@ pub fn secrets_in(text: &str) -> Vec<String> {
                     path.push(k.clone());
                     let secret = match v {
                         toml::Value::String(s) => {
-                            matches!(k.as_str(), "password" | "token" | "secret")
-                                || (k == "proxy" && s.contains('@'))
+                            matches!(
+                                k.as_str(),
+                                "password" | "token" | "secret" | "secret_access_key"
+                            ) || (k == "proxy" && s.contains('@'))
                         }
                         _ => false,
                     };

@@ -8,7 +8,7 @@ use http::{Method, header};
 
 use super::isolation::Kind;
 use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, head, send};
-use crate::cache::flight::{Fill, FillSpec, Reader};
+use crate::cache::flight::{Fill, FillSpec, Reader, Source};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
 use crate::upstream::UpstreamRequest;
@@ -95,7 +95,27 @@ impl Proxy {
                 return Ok(hit(file, len));
             }
         }
+        // The shared bucket's copy came from this upstream, but maybe for another
+        // repository: for a private upstream it is served once the repository is known to
+        // hold it, as a copy on disk would be.
+        let bucket = match &self.bucket {
+            Some(b) => {
+                self.may_serve(t, Kind::Blob, digest, client).await?;
+                Some(Arc::clone(b))
+            }
+            None => None,
+        };
         if head {
+            if let Some(size) = match &bucket {
+                Some(b) => b.head(up, digest).await,
+                None => None,
+            } {
+                return Ok(BlobAnswer {
+                    size: Some(size),
+                    body: BlobBody::None,
+                    cache: CacheResult::Shared,
+                });
+            }
             let size = self
                 .upstream_head(t, digest, client)
                 .await?
@@ -111,10 +131,17 @@ impl Proxy {
             digest: digest.clone(),
             store: self.store.clone(),
             metrics: Arc::clone(&self.metrics),
+            bucket: bucket.clone(),
         };
         let (target, d, asker) = (t.clone(), digest.clone(), client.clone());
         let seen_by = Arc::downgrade(self);
         let source = async move {
+            // Another replica may have fetched it already.
+            if let Some(b) = &bucket
+                && let Some(copy) = b.open(&target.upstream.name, &d).await
+            {
+                return Ok(copy);
+            }
             let path = format!("blobs/{d}");
             let resp = send(
                 &target,
@@ -134,7 +161,7 @@ impl Proxy {
             if let Some(p) = seen_by.upgrade() {
                 p.note_seen(&target.upstream.name, &d, &target.repo)?;
             }
-            Ok(resp)
+            Ok(Source::upstream(resp))
         };
         let (index, up_name, d) = (self.index.clone(), up.clone(), digest.clone());
         let this = Arc::downgrade(self);
@@ -249,6 +276,8 @@ async fn joined(fill: Arc<Fill>, cache: CacheResult) -> Result<BlobAnswer> {
     // Joining a verified fill whose commit is still under way is as good as a file on disk.
     let cache = if cache == CacheResult::Coalesced && fill.is_done() {
         CacheResult::Hit
+    } else if cache == CacheResult::Miss && fill.from_bucket() {
+        CacheResult::Shared
     } else {
         cache
     };

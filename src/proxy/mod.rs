@@ -50,6 +50,8 @@ pub enum CacheResult {
     Stale,
     /// Streamed from upstream without caching: the disk takes no writes.
     Passthrough,
+    /// Not on this replica's disk; fetched from the bucket shared with other replicas.
+    Shared,
 }
 
 impl CacheResult {
@@ -61,6 +63,7 @@ impl CacheResult {
             CacheResult::Revalidated => "revalidated",
             CacheResult::Stale => "stale",
             CacheResult::Passthrough => "passthrough",
+            CacheResult::Shared => "shared",
         }
     }
 
@@ -75,6 +78,7 @@ impl CacheResult {
             CacheResult::Passthrough => {
                 "regcache; fwd=uri-miss; detail=not-stored-disk-unavailable"
             }
+            CacheResult::Shared => "regcache; hit; detail=shared-bucket",
         })
     }
 }
@@ -130,6 +134,8 @@ pub struct Proxy {
     manifest_flights: Arc<ManifestFlights>,
     revalidations: Arc<Group<ManifestKey, Result<manifests::Revalidation, Arc<Error>>>>,
     fills: Arc<Fills>,
+    /// The tier shared with other replicas (`storage.kind = "s3"`).
+    bucket: Option<Arc<crate::cache::bucket::Bucket>>,
     metrics: Arc<Metrics>,
     /// Last uses not yet written to the index (for LRU eviction).
     uses: crate::cache::lifecycle::Uses,
@@ -151,6 +157,8 @@ pub enum StartError {
     Upstream { name: String, source: UpstreamError },
     #[error("{}", .0.join("; "))]
     Access(Vec<String>),
+    #[error("{0}")]
+    Bucket(String),
 }
 
 impl Proxy {
@@ -233,6 +241,13 @@ impl Proxy {
             .max_capacity(100_000)
             .time_to_live(config.cache.tag_ttl)
             .build();
+        let bucket = match config.storage.kind {
+            crate::config::StorageKind::Local => None,
+            crate::config::StorageKind::S3 => Some(Arc::new(
+                crate::cache::bucket::Bucket::new(&config.storage.s3, Arc::clone(&metrics))
+                    .map_err(StartError::Bucket)?,
+            )),
+        };
         Ok(Arc::new(Proxy {
             access_checked,
             config,
@@ -247,6 +262,7 @@ impl Proxy {
             manifest_flights: Arc::default(),
             revalidations: Arc::default(),
             fills: Arc::default(),
+            bucket,
             metrics,
             uses: Default::default(),
             gc_now: Arc::default(),
@@ -255,6 +271,11 @@ impl Proxy {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The tier shared with other replicas, if configured.
+    pub fn bucket(&self) -> Option<&Arc<crate::cache::bucket::Bucket>> {
+        self.bucket.as_ref()
     }
 
     /// Who may pull what.

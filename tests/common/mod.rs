@@ -7,6 +7,7 @@
 pub mod certs;
 pub mod clients;
 pub mod fake;
+pub mod garage;
 pub mod image;
 pub mod token;
 
@@ -319,7 +320,12 @@ pub struct Regcache {
 
 /// A config for tests: Docker Hub's upstream replaced by `docker_io`, short timeouts.
 pub fn config(docker_io: &str, data_dir: &Path) -> regcache::Config {
-    let text = format!(
+    regcache::Config::parse(&config_text(docker_io, data_dir), Path::new("<test>")).unwrap()
+}
+
+/// The TOML of [`config`], for tests that add tables to it.
+pub fn config_text(docker_io: &str, data_dir: &Path) -> String {
+    format!(
         r#"
         listen = "127.0.0.1:0"
         data_dir = "{}"
@@ -334,8 +340,7 @@ pub fn config(docker_io: &str, data_dir: &Path) -> regcache::Config {
         read_timeout = "5s"
         "#,
         data_dir.display()
-    );
-    regcache::Config::parse(&text, Path::new("<test>")).unwrap()
+    )
 }
 
 impl Regcache {

@@ -1,0 +1,311 @@
+//! The shared tier: verified blobs in an S3-compatible bucket that every replica reads before
+//! asking upstream (`storage.kind = "s3"`).
+//!
+//! Layout: `{prefix}blobs/{upstream}/{algorithm}/{hex}`. Content-addressed, so two replicas
+//! writing the same blob write the same bytes and either write may win. The key names the
+//! upstream for the same reason the local index does: a blob is served for an upstream only
+//! if that upstream gave it (a digest known from one registry proves nothing about another).
+//!
+//! Invariant: an object under its final key holds exactly its digest's bytes. An upload
+//! starts with its fill and follows the fill's temp file, but a fill's readers get the last
+//! byte only after the digest checked out, and the object becomes visible only when the
+//! upload completes (one PUT for a blob under `part_size`, else a multipart upload completed
+//! after the last part). A failed fill aborts its upload. Bytes read back from the bucket go
+//! through the same digest check as upstream's: a damaged object is never served; it is
+//! deleted, and the next request goes upstream.
+//!
+//! The bucket only ever saves upstream traffic: when it fails or is slow, regcache logs,
+//! counts (`regcache_bucket_requests_total`) and asks upstream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::Semaphore;
+
+use super::flight::{Reader, Source, SourceBody};
+use crate::config::S3Config;
+use crate::metrics::Metrics;
+use crate::oci::digest::Digest;
+
+/// Requests in flight per multipart upload (memory per upload: `part_size` times this plus
+/// one).
+const PARTS_IN_FLIGHT: usize = 2;
+/// How long a blob whose bucket copy failed is fetched from upstream instead.
+const AVOID_FOR: Duration = Duration::from_secs(300);
+
+/// A bucket holding blobs for every replica.
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    /// Where the bucket is, for logs (never with credentials).
+    name: String,
+    timeout: Duration,
+    part_size: usize,
+    uploads: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    /// Blobs whose bucket copy just failed to read: fetched from upstream for a while.
+    avoid: moka::sync::Cache<(String, Digest), ()>,
+}
+
+impl Bucket {
+    /// The bucket `c` names; unset settings come from the `AWS_*` variables.
+    pub fn new(c: &S3Config, metrics: Arc<Metrics>) -> Result<Bucket, String> {
+        let bucket = c.bucket.clone().unwrap_or_default();
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket)
+            .with_virtual_hosted_style_request(!c.path_style)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 2,
+                retry_timeout: c.timeout * 3,
+                ..Default::default()
+            })
+            // Whole-request deadlines would cut long blob bodies; regcache bounds each answer
+            // by `timeout` and each body by silence, as it does upstream's.
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_connect_timeout(c.timeout)
+                    .with_timeout_disabled(),
+            );
+        if let Some(endpoint) = &c.endpoint {
+            b = b
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = &c.region {
+            b = b.with_region(region);
+        }
+        if let Some(id) = &c.access_key_id {
+            b = b.with_access_key_id(id);
+        }
+        let secret = match (&c.secret_access_key, &c.secret_access_key_file) {
+            (Some(s), _) => Some(s.to_string()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("storage.s3.secret_access_key_file {}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(s) = secret {
+            b = b.with_secret_access_key(s);
+        }
+        let store = b.build().map_err(|e| format!("storage.s3: {e}"))?;
+        Ok(Bucket {
+            store: Arc::new(store),
+            prefix: Path::from(c.prefix.trim_matches('/')),
+            name: format!(
+                "{}/{bucket}",
+                c.endpoint.as_deref().unwrap_or("s3").trim_end_matches('/')
+            ),
+            timeout: c.timeout,
+            part_size: c.part_size as usize,
+            uploads: Arc::new(Semaphore::new(c.max_uploads)),
+            metrics,
+            avoid: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(AVOID_FOR)
+                .build(),
+        })
+    }
+
+    /// Where this bucket is (`endpoint/bucket`), for logs and `check-config`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The object key of a blob fetched from `upstream`.
+    pub fn key(&self, upstream: &str, digest: &Digest) -> Path {
+        self.prefix
+            .child("blobs")
+            .child(upstream)
+            .child(digest.algorithm().as_str())
+            .child(digest.hex())
+    }
+
+    fn count(&self, op: &str, result: &str) {
+        self.metrics
+            .bucket_requests
+            .with_label_values(&[op, result])
+            .inc();
+    }
+
+    /// Counts a request's outcome, logging failures; `Ok(None)` for a missing object.
+    fn outcome<T>(&self, op: &str, key: &Path, r: Result<T, Failure>) -> Result<Option<T>, String> {
+        let err = match r {
+            Ok(v) => {
+                self.count(op, "ok");
+                return Ok(Some(v));
+            }
+            Err(Failure::Store(object_store::Error::NotFound { .. })) => {
+                self.count(op, "not_found");
+                return Ok(None);
+            }
+            Err(Failure::Store(e)) => {
+                self.count(op, "error");
+                e.to_string()
+            }
+            Err(Failure::Timeout) => {
+                self.count(op, "timeout");
+                format!("no answer within {:?}", self.timeout)
+            }
+        };
+        tracing::warn!(bucket = %self.name, %key, op, error = %err, "bucket request failed; going on without it");
+        Err(err)
+    }
+
+    /// A bucket request bounded by `timeout`.
+    async fn bounded<T>(
+        &self,
+        request: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(r) => r.map_err(Failure::Store),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// Whether the bucket answers at all (a listing of at most one key), for start-up logs.
+    pub async fn check(&self) -> Result<(), String> {
+        let mut list = self.store.list(Some(&self.prefix));
+        match tokio::time::timeout(self.timeout, list.next()).await {
+            Ok(None | Some(Ok(_))) => Ok(()),
+            Ok(Some(Err(e))) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// The size of the blob's object, if the bucket has it (and answers in time).
+    pub async fn head(&self, upstream: &str, digest: &Digest) -> Option<u64> {
+        if self
+            .avoid
+            .contains_key(&(upstream.to_owned(), digest.clone()))
+        {
+            return None;
+        }
+        let key = self.key(upstream, digest);
+        let r = self.bounded(self.store.head(&key)).await;
+        self.outcome("head", &key, r).ok().flatten().map(|m| m.size)
+    }
+
+    /// The blob's bytes from the bucket, if it has them: a fill source.
+    pub async fn open(self: &Arc<Self>, upstream: &str, digest: &Digest) -> Option<Source> {
+        if self
+            .avoid
+            .contains_key(&(upstream.to_owned(), digest.clone()))
+        {
+            return None;
+        }
+        let key = self.key(upstream, digest);
+        let r = self.bounded(self.store.get(&key)).await;
+        let got = self.outcome("get", &key, r).ok().flatten()?;
+        let size = got.meta.size;
+        let this = Arc::clone(self);
+        let chunks = got
+            .into_stream()
+            .inspect_ok(move |b| {
+                this.metrics
+                    .bucket_bytes
+                    .with_label_values(&["read"])
+                    .inc_by(b.len() as u64)
+            })
+            .map_ok(http_body::Frame::data)
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+        let body: SourceBody =
+            http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(chunks));
+        Some(Source::bucket(Some(size), body))
+    }
+
+    /// A fill from the bucket failed: the copy is skipped for a while, and deleted when its
+    /// bytes were wrong.
+    pub fn failed(self: &Arc<Self>, upstream: &str, digest: &Digest, corrupt: bool) {
+        self.avoid.insert((upstream.to_owned(), digest.clone()), ());
+        if !corrupt {
+            return;
+        }
+        let (this, key) = (Arc::clone(self), self.key(upstream, digest));
+        tracing::error!(bucket = %self.name, %key, "bucket object does not match its digest; deleting it");
+        tokio::spawn(async move {
+            let r = this.bounded(this.store.delete(&key)).await;
+            let _ = this.outcome("delete", &key, r);
+        });
+    }
+
+    /// Writes a blob being fetched from `upstream` to the bucket, following the fill through
+    /// `reader` (which ends only after the digest checked out, and fails with the fill).
+    /// Runs in its own task; at most `max_uploads` at once, the rest wait.
+    pub fn upload(self: &Arc<Self>, upstream: &str, digest: &Digest, reader: Reader) {
+        let (this, key) = (Arc::clone(self), self.key(upstream, digest));
+        tokio::spawn(async move {
+            let Ok(_permit) = Arc::clone(&this.uploads).acquire_owned().await else {
+                return;
+            };
+            match this.write(&key, reader).await {
+                Ok(()) => {
+                    let _ = this.outcome("put", &key, Ok(()));
+                }
+                Err(Upload::Bucket(f)) => {
+                    let _ = this.outcome::<()>("put", &key, Err(f));
+                }
+                Err(Upload::Fill(e)) => {
+                    tracing::debug!(%key, error = %e, "fill failed; upload aborted");
+                    this.count("put", "aborted");
+                }
+            }
+        });
+    }
+
+    async fn write(&self, key: &Path, mut reader: Reader) -> Result<(), Upload> {
+        let mut w = BufWriter::with_capacity(Arc::clone(&self.store), key.clone(), self.part_size)
+            .with_max_concurrency(PARTS_IN_FLIGHT);
+        // A slow bucket is given `timeout` per step; a stalled one loses the upload.
+        let sent = async {
+            while let Some(chunk) = reader.next_chunk().await {
+                let chunk: Bytes = chunk.map_err(Upload::Fill)?;
+                self.metrics
+                    .bucket_bytes
+                    .with_label_values(&["written"])
+                    .inc_by(chunk.len() as u64);
+                self.bounded(w.put(chunk)).await.map_err(Upload::Bucket)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = sent {
+            // Leaves nothing behind: a multipart upload's parts are discarded, and a single
+            // PUT was never sent.
+            let _ = tokio::time::timeout(self.timeout, w.abort()).await;
+            return Err(e);
+        }
+        // Verified: the object becomes visible now.
+        let done = async {
+            w.shutdown()
+                .await
+                .map_err(|e| object_store::Error::Generic {
+                    store: "S3",
+                    source: Box::new(e),
+                })
+        };
+        self.bounded(done).await.map_err(Upload::Bucket)
+    }
+}
+
+/// Why a bucket request failed.
+enum Failure {
+    Store(object_store::Error),
+    Timeout,
+}
+
+/// Why an upload stopped.
+enum Upload {
+    Bucket(Failure),
+    /// The fill it followed failed: nothing may be written.
+    Fill(std::io::Error),
+}
