@@ -442,7 +442,7 @@ async fn prometheus_scrapes_regcache_and_the_shipped_rules_and_dashboard_evaluat
     // The hit ratio panel gives the real ratio: 4 hits of 8 lookups.
     let ratio = prom
         .query(
-            r#"sum(regcache_cache_lookups_total{result=~"hit|stale|revalidated"}) / sum(regcache_cache_lookups_total)"#,
+            r#"sum(regcache_cache_lookups_total{result=~"hit|stale|revalidated|shared"}) / sum(regcache_cache_lookups_total)"#,
         )
         .await;
     assert_eq!(ratio[0]["value"][1], "0.5");
@@ -464,12 +464,12 @@ async fn prometheus_scrapes_regcache_and_the_shipped_rules_and_dashboard_evaluat
             .iter()
             .flat_map(|g| g["rules"].as_array().unwrap().clone())
             .collect();
-        assert_eq!(all.len(), 7, "{rules}");
+        assert_eq!(all.len(), 8, "{rules}");
         healthy = all.iter().filter(|r| r["health"] == "ok").count();
         if healthy == all.len() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(healthy, 7, "every rule evaluated without error");
+    assert_eq!(healthy, 8, "every rule evaluated without error");
 }

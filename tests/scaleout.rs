@@ -105,17 +105,22 @@ async fn pull(skopeo: &Skopeo, replica: &Replica, repo: &str, image: &Image, int
 /// Waits until the bucket (through node `i`) holds every blob of `image`: a replica's upload
 /// completes shortly after its fill.
 async fn uploaded(garage: &Garage, i: usize, image: &Image) {
+    for blob in image.blobs() {
+        in_bucket(garage, i, &common::image::sha256(&blob)).await;
+    }
+}
+
+/// Waits until the bucket (through node `i`) holds the blob `digest`.
+async fn in_bucket(garage: &Garage, i: usize, digest: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let store = garage.client(i);
-    for blob in image.blobs() {
-        let key = object_store::path::Path::from(format!(
-            "blobs/docker.io/sha256/{}",
-            common::image::sha256(&blob).trim_start_matches("sha256:")
-        ));
-        while store.head(&key).await.is_err() {
-            assert!(Instant::now() < deadline, "{key} never reached the bucket");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let key = object_store::path::Path::from(format!(
+        "blobs/docker.io/sha256/{}",
+        digest.trim_start_matches("sha256:")
+    ));
+    while store.head(&key).await.is_err() {
+        assert!(Instant::now() < deadline, "{key} never reached the bucket");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -538,5 +543,83 @@ async fn an_unreachable_bucket_means_upstream_not_errors() {
         meter.blob_gets(),
         2 * img.blobs().len(),
         "each replica fetched every blob itself"
+    );
+}
+
+/// An upstream where regcache pulls with its own credentials: a blob in the bucket is served
+/// for a repository only once upstream confirms that repository holds it, exactly as a copy on
+/// disk would be. A replica never uses the bucket to hand out private content upstream would
+/// refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_blob_in_the_bucket_is_served_only_where_upstream_has_it() {
+    const CAROL: (&str, &str) = ("carol", "carol-secret");
+    let up = common::token::BasicRegistry::start(&[CAROL]).await;
+    let secret_layer = Layer::new(9400, 200_000);
+    let secret = Image::new(OCI_MANIFEST, "amd64", vec![secret_layer.clone()]);
+    up.push("private/secret", "1", &secret).await;
+    up.push("public/x", "1", &Image::simple(9401, 1)).await;
+    let meter = Meter::start(up.registry.addr).await;
+    let garage = Garage::start(1).await;
+    let dir = common::clients::short_tempdir("private");
+    let settings = format!(
+        "username = \"{}\"\npassword = \"{}\"\n{}",
+        CAROL.0,
+        CAROL.1,
+        garage.storage_toml(0, "")
+    );
+    let a = Replica::start(dir.path(), "a", &meter.url(), &settings).await;
+    let layer = secret_layer.digest();
+    assert_eq!(
+        common::get_blob(&a.url, "private/secret", &layer).await,
+        secret_layer.blob
+    );
+    in_bucket(&garage, 0, &layer).await;
+
+    let b = Replica::start(dir.path(), "b", &meter.url(), &settings).await;
+    meter.reset();
+    // Through a repository upstream does not hold it in: upstream's HEAD says 404, and so
+    // does regcache, without reading the bucket.
+    let probe = http()
+        .get(format!("{}/v2/public/x/blobs/{layer}", b.url))
+        .send()
+        .await
+        .unwrap();
+    let (status, code) = common::error_code(probe).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "BLOB_UNKNOWN"),
+        "{}",
+        b.log()
+    );
+    // (A HEAD may be sent twice: once unauthenticated for the challenge.)
+    assert!(meter.count("HEAD", &format!("/v2/public/x/blobs/{layer}")) >= 1);
+    assert_eq!(meter.blob_gets(), 0);
+    let m = b.metrics().await;
+    assert_eq!(
+        m.get(
+            "regcache_bucket_requests_total",
+            &[("op", "get"), ("result", "ok")]
+        ),
+        0.0,
+        "the bucket copy was not touched"
+    );
+
+    // Where upstream holds it: one HEAD confirms, the bytes come from the bucket.
+    let got = http()
+        .get(format!("{}/v2/private/secret/blobs/{layer}", b.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200, "{}", b.log());
+    assert_eq!(
+        got.headers()["cache-status"].to_str().unwrap(),
+        "regcache; hit; detail=shared-bucket"
+    );
+    assert_eq!(got.bytes().await.unwrap(), secret_layer.blob);
+    assert!(meter.count("HEAD", &format!("/v2/private/secret/blobs/{layer}")) >= 1);
+    assert_eq!(
+        meter.blob_gets(),
+        0,
+        "no upstream GET: the bytes came from the bucket"
     );
 }
