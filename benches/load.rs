@@ -1,18 +1,21 @@
 //! The load benchmark (issue 3): regcache in front of a real upstream (Debian's
 //! `docker-registry`, CNCF distribution 2.8) and, in the same run on the same data, two
 //! reference points: distribution in proxy mode (`proxy: remoteurl:`) and nginx serving the same
-//! blob file with sendfile (the practical ceiling for serving bytes from disk).
+//! blob file with sendfile (the practical ceiling for serving bytes from disk). The `s3` section
+//! puts a replica on S3 storage (a 1-node Garage cluster on loopback, `tests/common/garage.rs`)
+//! beside one on local disk.
 //!
 //! ```sh
-//! ./scripts/bench                 # installs wrk, nginx-light, docker-registry when missing
+//! ./scripts/bench                 # installs wrk, nginx-light, docker-registry, garage when missing
 //! cargo bench --bench load        # this file only
 //! ```
 //!
 //! Knobs (environment): `BENCH_SECS` seconds per wrk run (default 10), `BENCH_ROUNDS`
 //! interleaved rounds per wrk measurement (default 3), `BENCH_PULLS` cold-pull trials
 //! (default 5), `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing,
-//! cross-repo), `pull` (cold single pull), `rss` (peak RSS), `blob` (hot blobs) and
-//! `manifest` (hot tag manifests), `hot` meaning the last three;
+//! cross-repo), `pull` (cold single pull), `rss` (peak RSS), `blob` (hot blobs), `manifest`
+//! (hot tag manifests) and `s3` (S3 vs local storage: cold fill, cold from the bucket, upload
+//! lag, hot blob, two replicas missing at once), `hot` meaning `rss`, `blob` and `manifest`;
 //! `BENCH_WRAP` a command prefix for the regcache processes, for profiling (e.g.
 //! `BENCH_WRAP="strace -f -c -o /tmp/rc.strace"`; the RSS figures then are the wrapper's).
 //! Everything listens on 127.0.0.1; nothing talks to a public registry.
@@ -40,8 +43,15 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use object_store::ObjectStore;
+use object_store::path::Path as ObjectPath;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::oneshot;
+
+// The scale-out tests' Garage cluster (self-contained); the bench uses part of it.
+#[allow(dead_code)]
+#[path = "../tests/common/garage.rs"]
+mod garage;
 
 const MIB: usize = 1 << 20;
 const BIG: usize = 100 * MIB;
@@ -81,8 +91,8 @@ struct Knobs {
     secs: u64,
     rounds: usize,
     pulls: usize,
-    /// Sections to run (`cold`, `pull`, `rss`, `blob`, `manifest`; `hot` is the last three);
-    /// empty for all.
+    /// Sections to run (`cold`, `pull`, `rss`, `blob`, `manifest`, `s3`; `hot` is `rss`,
+    /// `blob` and `manifest`); empty for all.
     only: Vec<String>,
 }
 
@@ -584,10 +594,333 @@ async fn run(k: Knobs) {
         rc.stop();
         dp.stop();
     }
+    // ---- 7. S3 storage: a replica on the shared bucket vs one on local disk ----------------
+    if k.want("s3") {
+        s3(&k, root, up_addr, &big_d, &mut report).await;
+    }
     nginx.stop();
     upstream.stop();
 
     report.print(&k, started.elapsed());
+}
+
+/// The `s3` section: a replica with `storage.kind = "s3"` (a 1-node Garage cluster on loopback)
+/// against one on local disk, on the 100 MiB blob. Each replica has its own data dir and its
+/// own meter in front of the upstream.
+async fn s3(k: &Knobs, root: &Path, up_addr: SocketAddr, big_d: &str, report: &mut Report) {
+    step("s3: starting a 1-node Garage cluster");
+    let garage = garage::Garage::start(1).await;
+    let storage = garage.storage_toml(0, "");
+    let store = garage.client(0);
+    let key = ObjectPath::from(format!(
+        "blobs/docker.io/sha256/{}",
+        big_d.trim_start_matches("sha256:")
+    ));
+    let client = http();
+    let path = format!("/v2/bench/big/blobs/{big_d}");
+    let dir = root.join("s3");
+    let toml = |s3: bool| if s3 { storage.as_str() } else { "" };
+    // Garage shares the 2 cores with the replica: its CPU time tells where a slower fill went.
+    let garage_pid = pid_with_arg(&garage.dir.path().join("node0").display().to_string());
+    let name = |s3: bool| if s3 { "s3" } else { "local" };
+
+    // a. cold fill from upstream, local vs s3, and c. the s3 replica's upload lag.
+    step(&format!(
+        "s3: cold fill of a 100 MiB blob from upstream, local vs s3 storage, {} rounds",
+        k.rounds
+    ));
+    let mut fill: [Vec<f64>; 2] = Default::default(); // [local, s3] seconds
+    // CPU seconds during each fill: [local replica, s3 replica, Garage while the s3 one fills].
+    let mut fill_cpu: [Vec<f64>; 3] = Default::default();
+    let mut lag = Vec::new();
+    for round in 0..k.rounds {
+        for j in 0..2 {
+            let s3 = (round + j) % 2 == 1;
+            if s3 {
+                // The last round's upload (its replica is stopped: no write is in flight).
+                delete_object(&*store, &key).await;
+            }
+            let d = dir.join(format!("fill{round}-{}", name(s3)));
+            let meter = Meter::start(up_addr).await;
+            let mut rc = start_regcache_with(&d, &meter.url(), toml(s3)).await;
+            let pids = [Some(rc.p.child.id()), garage_pid];
+            let before = pids.map(cpu_secs);
+            let t = Instant::now();
+            get_verify(&client, &format!("{}{path}", rc.url), big_d, BIG)
+                .await
+                .unwrap_or_else(|e| panic!("cold fill on {} storage: {e}", name(s3)));
+            let done = Instant::now();
+            let after = pids.map(cpu_secs);
+            fill[s3 as usize].push((done - t).as_secs_f64());
+            fill_cpu[s3 as usize].push(after[0] - before[0]);
+            if s3 {
+                fill_cpu[2].push(after[1] - before[1]);
+            }
+            if s3 {
+                lag.push(visible(&*store, &key, done).await);
+            }
+            let up = meter.snapshot(big_d);
+            assert_eq!(
+                up.gets,
+                1,
+                "a cold fill on {} storage should GET the blob from upstream once",
+                name(s3)
+            );
+            rc.stop();
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+    let (m_local, m_s3) = (median(&fill[0]), median(&fill[1]));
+    let ratios: Vec<f64> = (0..k.rounds).map(|r| fill[1][r] / fill[0][r]).collect();
+    let ratio = median(&ratios);
+    report.row(Row {
+        what: format!(
+            "S3 storage, cold fill from upstream: 1 GET of a 100 MiB blob (the s3 replica also uploads it), median of {}; wall time",
+            k.rounds
+        ),
+        regcache: format!("s3: {:.0} ms", m_s3 * 1e3),
+        reference: format!("local disk: {:.0} ms", m_local * 1e3),
+        ratio: format!("{ratio:.2}x local (rounds: {})", fmt_list(&ratios)),
+        // Garage runs on the same 2 cores here and takes more CPU than the fill itself (see
+        // the raw CPU line); with the bucket on other hosts the client pays only regcache's
+        // own extra CPU for the upload.
+        target: "(info: Garage shares the 2 cores)".into(),
+        met: None,
+    });
+
+    // b. cold from the bucket: a fresh s3 replica, the blob in the bucket (from a's last round).
+    step(&format!(
+        "s3: a fresh replica GETs the 100 MiB blob from the bucket, {} rounds",
+        k.rounds
+    ));
+    let mut from_bucket = Vec::new();
+    let mut last_dir = PathBuf::new();
+    for round in 0..k.rounds {
+        let d = dir.join(format!("bucket{round}"));
+        let meter = Meter::start(up_addr).await;
+        let mut rc = start_regcache_with(&d, &meter.url(), &storage).await;
+        let t = Instant::now();
+        get_verify(&client, &format!("{}{path}", rc.url), big_d, BIG)
+            .await
+            .unwrap_or_else(|e| panic!("cold GET from the bucket: {e}"));
+        from_bucket.push(t.elapsed().as_secs_f64());
+        let up = meter.snapshot(big_d);
+        assert_eq!(
+            up.gets, 0,
+            "a fresh s3 replica fetched a blob the bucket holds from upstream ({} GETs, {} bytes)",
+            up.gets, up.bytes
+        );
+        rc.stop();
+        if let Some(prev) = (round > 0).then(|| dir.join(format!("bucket{}", round - 1))) {
+            let _ = std::fs::remove_dir_all(prev);
+        }
+        last_dir = d;
+    }
+    let m_bucket = median(&from_bucket);
+    let mibs = |secs: f64| (BIG / MIB) as f64 / secs;
+    report.row(Row {
+        what: format!(
+            "S3 storage, cold from the bucket: a fresh s3 replica GETs the 100 MiB blob another replica uploaded, median of {}; wall time",
+            k.rounds
+        ),
+        regcache: format!(
+            "{:.0} ms, {:.0} MiB/s, 0 upstream blob GETs",
+            m_bucket * 1e3,
+            mibs(m_bucket)
+        ),
+        reference: format!(
+            "local disk, cold from upstream (row above): {:.0} ms, {:.0} MiB/s",
+            m_local * 1e3,
+            mibs(m_local)
+        ),
+        ratio: format!("{:.2}x local from upstream", m_bucket / m_local),
+        target: "0 upstream blob GETs".into(),
+        met: Some(true),
+    });
+
+    // c. upload lag, measured in a.
+    report.row(Row {
+        what: "S3 storage, upload lag: end of the cold fill's response to the object visible in the bucket (HEAD polled every 5 ms)".into(),
+        regcache: format!("{:.0} ms", median(&lag) * 1e3),
+        reference: format!("rounds (ms): {:?}", ms(&lag)),
+        ratio: String::new(),
+        target: "(info)".into(),
+        met: None,
+    });
+    report.raw(format!(
+        "s3 trials (ms): cold fill local {:?}; cold fill s3 {:?}; upload lag {:?}; cold from the bucket {:?}",
+        ms(&fill[0]),
+        ms(&fill[1]),
+        ms(&lag),
+        ms(&from_bucket)
+    ));
+    report.raw(format!(
+        "s3 cold fill CPU time (median ms): local replica {:.0}; s3 replica {:.0}, Garage {:.0} (during the client's GET, on {} cores)",
+        median(&fill_cpu[0]) * 1e3,
+        median(&fill_cpu[1]) * 1e3,
+        median(&fill_cpu[2]) * 1e3,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+
+    // d. hot: both replicas serve the blob from their data dir.
+    step(&format!(
+        "s3: hot blob 100 MiB, s3 vs local storage: wrk -t2 -c16 -d{}s, {} interleaved rounds",
+        k.secs, k.rounds
+    ));
+    {
+        let up = format!("http://{up_addr}");
+        // Fresh processes: the s3 one on b's last data dir, the local one filled here.
+        let mut rc_s3 = start_regcache_with(&last_dir, &up, &storage).await;
+        let mut rc_local = start_regcache(&dir.join("hot-local"), &up).await;
+        for rc in [&rc_s3, &rc_local] {
+            // Two full GETs: the first may fill the cache, the second reads it.
+            for _ in 0..2 {
+                get_verify(&client, &format!("{}{path}", rc.url), big_d, BIG)
+                    .await
+                    .unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for rc in [&rc_s3, &rc_local] {
+            let status = blob_cache_status(&client, &format!("{}{path}", rc.url)).await;
+            assert!(
+                status.contains("hit"),
+                "the 100 MiB blob should be cached; Cache-Status: {status}"
+            );
+        }
+        let servers = [
+            ("regcache s3", rc_s3.url.clone()),
+            ("regcache local", rc_local.url.clone()),
+        ];
+        let runs = interleaved(&servers, &path, 16, &[], k, report).await;
+        let (s3_t, local_t) = (tput(&runs[0]), tput(&runs[1]));
+        let ratios: Vec<f64> = (0..k.rounds).map(|r| s3_t[r] / local_t[r]).collect();
+        let ratio = median(&ratios);
+        let errors = wrk_errors(&runs);
+        report.row(Row {
+            what: "S3 storage, hot blob 100 MiB, 16 connections (both from local disk); throughput (GiB/s, median of rounds)".into(),
+            regcache: format!("s3: {:.2} GiB/s{}", median(&s3_t), errors[0]),
+            reference: format!("local disk: {:.2} GiB/s{}", median(&local_t), errors[1]),
+            ratio: format!("{ratio:.2}x local (rounds: {})", fmt_list(&ratios)),
+            target: ">= 0.9x local".into(),
+            met: Some(ratio >= 0.9),
+        });
+        rc_s3.stop();
+        rc_local.stop();
+    }
+
+    // e. two fresh s3 replicas miss the same blob: at the same instant, then one after the
+    // other's upload became visible.
+    step(&format!(
+        "s3: two fresh s3 replicas GET the same cold 100 MiB blob, together and in turn, {} rounds",
+        k.rounds
+    ));
+    let mut together = Vec::new();
+    let mut in_turn = Vec::new();
+    let mut gets = (Vec::new(), Vec::new());
+    for round in 0..k.rounds {
+        for turn in [false, true] {
+            // No replica is running: nothing can write the object after this.
+            delete_object(&*store, &key).await;
+            let meter = Meter::start(up_addr).await;
+            let dirs = ["a", "b"].map(|r| dir.join(format!("pair{round}-{turn}-{r}")));
+            let mut a = start_regcache_with(&dirs[0], &meter.url(), &storage).await;
+            let mut b = start_regcache_with(&dirs[1], &meter.url(), &storage).await;
+            let get = |url: &str| {
+                let (client, url, digest) =
+                    (client.clone(), format!("{url}{path}"), big_d.to_owned());
+                tokio::spawn(async move { get_verify(&client, &url, &digest, BIG).await })
+            };
+            if turn {
+                get(&a.url).await.unwrap().unwrap();
+                visible(&*store, &key, Instant::now()).await;
+                get(&b.url).await.unwrap().unwrap();
+            } else {
+                let (ga, gb) = (get(&a.url), get(&b.url));
+                ga.await.unwrap().unwrap();
+                gb.await.unwrap().unwrap();
+            }
+            let up = meter.snapshot(big_d);
+            let x = up.bytes as f64 / BIG as f64;
+            if turn {
+                in_turn.push(x);
+                gets.1.push(up.gets);
+            } else {
+                together.push(x);
+                gets.0.push(up.gets);
+            }
+            a.stop();
+            b.stop();
+            for d in &dirs {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    let m_together = median(&together);
+    let m_turn = median(&in_turn);
+    report.row(Row {
+        what: "S3 storage, 2 fresh s3 replicas GET the same cold 100 MiB blob at the same instant; upstream bytes / blob size (median of rounds)".into(),
+        regcache: format!("{m_together:.2}x (upstream GETs per round: {:?})", gets.0),
+        reference: "cross-replica single flight is best effort".into(),
+        ratio: format!("{m_together:.2}x (rounds: {})", fmt_list(&together)),
+        target: "<= 2x".into(),
+        met: Some(m_together <= 2.02),
+    });
+    report.row(Row {
+        what: "S3 storage, 2 fresh s3 replicas, the second GETs after the first's upload is visible; upstream bytes / blob size (median of rounds)".into(),
+        regcache: format!("{m_turn:.2}x (upstream GETs per round: {:?})", gets.1),
+        reference: "the second reads the bucket".into(),
+        ratio: format!("{m_turn:.2}x (rounds: {})", fmt_list(&in_turn)),
+        target: "1.0x".into(),
+        met: Some(m_turn <= 1.02),
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The first process whose command line contains `needle`.
+fn pid_with_arg(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(needle)
+                .then_some(pid)
+        })
+}
+
+/// Deletes `key` from the bucket (a missing one is fine) and checks it is gone.
+async fn delete_object(store: &dyn ObjectStore, key: &ObjectPath) {
+    match store.delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => panic!("delete {key} from the bucket: {e}"),
+    }
+    match store.head(key).await {
+        Err(object_store::Error::NotFound { .. }) => {}
+        other => panic!("{key} is still in the bucket after a delete: {other:?}"),
+    }
+}
+
+/// Seconds from `since` until `key` answers a HEAD in the bucket with the 100 MiB blob's size.
+async fn visible(store: &dyn ObjectStore, key: &ObjectPath, since: Instant) -> f64 {
+    let deadline = since + Duration::from_secs(60);
+    loop {
+        match store.head(key).await {
+            Ok(m) => {
+                assert_eq!(m.size, BIG as u64, "{key} in the bucket has the wrong size");
+                return since.elapsed().as_secs_f64();
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => panic!("HEAD {key} in the bucket: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} did not reach the bucket within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 // ---- the report -----------------------------------------------------------------------------
@@ -1016,13 +1349,19 @@ async fn start_registry(bin: &Path, dir: &Path, proxy: Option<&str>) -> Srv {
 
 /// regcache's release binary with Docker Hub replaced by `upstream` and default cache policy.
 async fn start_regcache(dir: &Path, upstream: &str) -> Srv {
+    start_regcache_with(dir, upstream, "").await
+}
+
+/// [`start_regcache`] with `extra` appended to its config (top-level tables, such as a
+/// `[storage]` table).
+async fn start_regcache_with(dir: &Path, upstream: &str, extra: &str) -> Srv {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
     let cfg = dir.join("regcache.toml");
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[upstreams.\"docker.io\"]\nurls = [\"{upstream}\"]\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[upstreams.\"docker.io\"]\nurls = [\"{upstream}\"]\n{extra}",
             dir.join("data").display()
         ),
     )
