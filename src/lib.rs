@@ -1,7 +1,7 @@
 //! regcache: a caching pull-through proxy for OCI / Docker registries.
 //!
 //! The binary (`main.rs`) parses the command line and calls [`run`]; everything else is here.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod access;
 pub mod body;

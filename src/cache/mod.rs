@@ -5,6 +5,7 @@ pub mod bucket;
 pub mod flight;
 pub mod index;
 pub mod lifecycle;
+mod mapped;
 pub mod verify;
 
 use std::path::Path;
