@@ -186,28 +186,24 @@ impl Bucket {
         }
     }
 
+    /// The blob's key, unless its copy failed lately (then the bucket is not asked).
+    fn usable_key(&self, upstream: &str, digest: &Digest) -> Option<Path> {
+        let avoided = self
+            .avoid
+            .contains_key(&(upstream.to_owned(), digest.clone()));
+        (!avoided).then(|| self.key(upstream, digest))
+    }
+
     /// The size of the blob's object, if the bucket has it (and answers in time).
     pub async fn head(&self, upstream: &str, digest: &Digest) -> Option<u64> {
-        if self
-            .avoid
-            .contains_key(&(upstream.to_owned(), digest.clone()))
-        {
-            return None;
-        }
-        let key = self.key(upstream, digest);
+        let key = self.usable_key(upstream, digest)?;
         let r = self.bounded(self.store.head(&key)).await;
         self.outcome("head", &key, r).ok().flatten().map(|m| m.size)
     }
 
     /// The blob's bytes from the bucket, if it has them: a fill source.
     pub async fn open(self: &Arc<Self>, upstream: &str, digest: &Digest) -> Option<Source> {
-        if self
-            .avoid
-            .contains_key(&(upstream.to_owned(), digest.clone()))
-        {
-            return None;
-        }
-        let key = self.key(upstream, digest);
+        let key = self.usable_key(upstream, digest)?;
         let r = self.bounded(self.store.get(&key)).await;
         let got = self.outcome("get", &key, r).ok().flatten()?;
         let size = got.meta.size;
