@@ -234,7 +234,9 @@ impl Server {
             .drain(SHUTDOWN_GRACE.saturating_sub(started.elapsed()))
             .await
         {
-            tracing::warn!("grace period over; blob fills still running are abandoned");
+            tracing::warn!(
+                "grace period over; blob fills and bucket uploads still running are abandoned"
+            );
         }
         if let Err(e) = proxy.flush() {
             tracing::error!(error = %e, "flushing the index failed");

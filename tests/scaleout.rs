@@ -63,6 +63,23 @@ impl Replica {
         }
     }
 
+    /// SIGTERM, as a rolling update stops a pod, and waits for the process to exit.
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let exit = c.wait().unwrap();
+            assert!(
+                exit.success(),
+                "a graceful stop exits 0: {exit:?}\n{}",
+                self.log()
+            );
+        }
+    }
+
     /// SIGKILL, as a node or pod dies.
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -622,4 +639,44 @@ async fn a_private_blob_in_the_bucket_is_served_only_where_upstream_has_it() {
         0,
         "no upstream GET: the bytes came from the bucket"
     );
+}
+
+/// A replica stopping gracefully (a rolling update) finishes its uploads before it exits:
+/// the blob it just fetched is in the bucket for the rest of the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_finishes_uploads_first() {
+    let registry = Registry::start().await;
+    let layer = Layer::new(9500, 32 << 20);
+    registry
+        .push(
+            "team/stop",
+            "1.0",
+            &Image::new(OCI_MANIFEST, "amd64", vec![layer.clone()]),
+        )
+        .await;
+    let garage = Garage::start(1).await;
+    let dir = common::clients::short_tempdir("stop");
+    let mut r = Replica::start(
+        dir.path(),
+        "a",
+        &registry.url(),
+        &garage.storage_toml(0, "part_size = \"5MiB\""),
+    )
+    .await;
+    assert_eq!(
+        common::get_blob(&r.url, "team/stop", &layer.digest()).await,
+        layer.blob
+    );
+    // SIGTERM at once: the upload (7 parts) is still under way when the response has ended.
+    r.terminate();
+    let key = object_store::path::Path::from(format!(
+        "blobs/docker.io/sha256/{}",
+        layer.digest().trim_start_matches("sha256:")
+    ));
+    let got = garage
+        .client(0)
+        .get(&key)
+        .await
+        .expect("uploaded before exit");
+    assert_eq!(got.bytes().await.unwrap(), layer.blob);
 }

@@ -52,6 +52,8 @@ pub struct Bucket {
     metrics: Arc<Metrics>,
     /// Blobs whose bucket copy just failed to read: fetched from upstream for a while.
     avoid: moka::sync::Cache<(String, Digest), ()>,
+    /// Uploads started or waiting for a slot (shutdown waits for them).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Bucket {
@@ -117,6 +119,7 @@ impl Bucket {
                 .max_capacity(10_000)
                 .time_to_live(AVOID_FOR)
                 .build(),
+            in_flight: Arc::default(),
         })
     }
 
@@ -243,7 +246,9 @@ impl Bucket {
     /// Runs in its own task; at most `max_uploads` at once, the rest wait.
     pub fn upload(self: &Arc<Self>, upstream: &str, digest: &Digest, reader: Reader) {
         let (this, key) = (Arc::clone(self), self.key(upstream, digest));
+        let counted = InFlight::new(&self.in_flight);
         tokio::spawn(async move {
+            let _counted = counted;
             let Ok(_permit) = Arc::clone(&this.uploads).acquire_owned().await else {
                 return;
             };
@@ -260,6 +265,11 @@ impl Bucket {
                 }
             }
         });
+    }
+
+    /// Uploads running or waiting: a replica stopping gracefully lets them finish.
+    pub fn uploads_in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn write(&self, key: &Path, mut reader: Reader) -> Result<(), Upload> {
@@ -294,6 +304,22 @@ impl Bucket {
                 })
         };
         self.bounded(done).await.map_err(Upload::Bucket)
+    }
+}
+
+/// Counts one upload from its start until it is dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -393,8 +393,10 @@ impl Proxy {
     pub async fn drain(self: &Arc<Self>, deadline: std::time::Duration) -> bool {
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            // Only our own reference left: no task holds the proxy, no fill is running.
-            if self.fills.is_empty() && Arc::strong_count(self) == 1 {
+            // Only our own reference left: no task holds the proxy, no fill is running, and
+            // no blob is still on its way to the shared bucket.
+            let uploading = self.bucket.as_ref().map_or(0, |b| b.uploads_in_flight());
+            if self.fills.is_empty() && Arc::strong_count(self) == 1 && uploading == 0 {
                 return true;
             }
             if tokio::time::Instant::now() >= until {
