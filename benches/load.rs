@@ -612,10 +612,7 @@ async fn s3(k: &Knobs, root: &Path, up_addr: SocketAddr, big_d: &str, report: &m
     let garage = garage::Garage::start(1).await;
     let storage = garage.storage_toml(0, "");
     let store = garage.client(0);
-    let key = ObjectPath::from(format!(
-        "blobs/docker.io/sha256/{}",
-        big_d.trim_start_matches("sha256:")
-    ));
+    let key = garage::blob_key("docker.io", big_d);
     let client = http();
     let path = format!("/v2/bench/big/blobs/{big_d}");
     let dir = root.join("s3");

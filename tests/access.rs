@@ -225,12 +225,7 @@ async fn logins_rules_and_denials_over_http() {
     );
     assert_eq!(meter.count("GET", "secret"), 0);
     assert!(
-        meter
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|s| s.authorization.is_none()),
+        meter.requests().iter().all(|s| s.authorization.is_none()),
         "clients' credentials for regcache never go upstream"
     );
 
@@ -489,9 +484,7 @@ async fn cached_private_content_is_served_only_where_upstream_would_serve_it() {
         );
     }
     let seen: Vec<String> = meter
-        .seen
-        .lock()
-        .unwrap()
+        .requests()
         .iter()
         .map(|s| format!("{} {}", s.method, s.path))
         .collect();
@@ -558,7 +551,7 @@ async fn verify_access_notices_a_digest_removed_upstream() {
     // Within tag_ttl: served, no upstream contact.
     meter.reset();
     common::get_blob_as(&base, "private/app", &layer, None).await;
-    assert_eq!(meter.total(), 0, "{:?}", meter.seen.lock().unwrap());
+    assert_eq!(meter.total(), 0, "{:?}", meter.requests());
     // Removed upstream (as the admin).
     let resp = http()
         .delete(format!(

@@ -164,9 +164,7 @@ async fn token_auth_with_configured_credentials_pulls_a_private_repository() {
     assert_eq!(reqs[0].granted, ["repository:private/app:pull"]);
     // The manifest and all 4 blobs went upstream carrying the token alice got.
     let with_bearer = meter
-        .seen
-        .lock()
-        .unwrap()
+        .requests()
         .iter()
         .filter(|s| {
             s.path.contains("/private/app/")
@@ -282,7 +280,7 @@ async fn tokens_are_fetched_once_per_repository_not_per_blob_or_tag() {
         scopes_of(&reqs),
         ["repository:private/app:pull", "repository:private/lib:pull"]
     );
-    let seen = meter.seen.lock().unwrap().clone();
+    let seen = meter.requests();
     assert!(
         seen.iter().all(|s| s
             .authorization
@@ -350,7 +348,7 @@ async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_check
 
     let got = pull_as(&cache.url(), "private/app", "1", Some(&client_token)).await;
     assert_eq!(got, a1.digest());
-    let seen = meter.seen.lock().unwrap().clone();
+    let seen = meter.requests();
     assert_eq!(
         seen.len(),
         8,
@@ -405,7 +403,7 @@ async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_check
         let (status, code) = error_code(req.send().await.unwrap()).await;
         assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"), "{who:?}");
     }
-    let seen = meter.seen.lock().unwrap().clone();
+    let seen = meter.requests();
     assert!(
         seen.len() == 4 && seen.iter().all(|s| s.method == "HEAD"),
         "{:?}",
@@ -418,9 +416,7 @@ async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_check
     assert_eq!(meter.count("GET", &config), 0);
     assert!(
         meter
-            .seen
-            .lock()
-            .unwrap()
+            .requests()
             .iter()
             .all(|s| s.authorization.as_deref() != Some(basic(ADMIN.0, ADMIN.1).as_str())),
         "regcache's own account never went upstream"
@@ -571,7 +567,7 @@ async fn basic_auth_pulls_with_username_and_password() {
     .await;
     assert_eq!(pull(&cache.url(), "team/app", "1").await, img.digest());
     let carol = basic(CAROL.0, CAROL.1);
-    let seen = meter.seen.lock().unwrap().clone();
+    let seen = meter.requests();
     let ok = seen
         .iter()
         .filter(|s| s.authorization.as_deref() == Some(carol.as_str()))
@@ -629,9 +625,7 @@ async fn basic_auth_with_a_password_file() {
     let carol = basic(CAROL.0, CAROL.1);
     assert!(
         meter
-            .seen
-            .lock()
-            .unwrap()
+            .requests()
             .iter()
             .any(|s| s.authorization.as_deref() == Some(carol.as_str())),
         "the password is the file's first line without its newline"

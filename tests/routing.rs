@@ -80,17 +80,13 @@ async fn every_routing_way_reaches_the_right_upstream() {
     // Each upstream saw only its own repositories, and none saw our ns parameter.
     let hub_paths: Vec<String> = t
         .hub_meter
-        .seen
-        .lock()
-        .unwrap()
+        .requests()
         .iter()
         .map(|s| s.path.clone())
         .collect();
     let ghcr_paths: Vec<String> = t
         .ghcr_meter
-        .seen
-        .lock()
-        .unwrap()
+        .requests()
         .iter()
         .map(|s| s.path.clone())
         .collect();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::clients::{Skopeo, check_oci_layout};
-use common::garage::Garage;
+use common::garage::{Garage, blob_key};
 use common::image::{Image, Layer, OCI_MANIFEST};
 use common::{Meter, Registry, Scrape, http};
 use object_store::ObjectStore as _;
@@ -131,10 +131,7 @@ async fn uploaded(garage: &Garage, i: usize, image: &Image) {
 async fn in_bucket(garage: &Garage, i: usize, digest: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let store = garage.client(i);
-    let key = object_store::path::Path::from(format!(
-        "blobs/docker.io/sha256/{}",
-        digest.trim_start_matches("sha256:")
-    ));
+    let key = blob_key("docker.io", digest);
     while store.head(&key).await.is_err() {
         assert!(Instant::now() < deadline, "{key} never reached the bucket");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -216,10 +213,7 @@ async fn replicas_fetch_each_blob_from_upstream_once_for_the_fleet() {
     );
     let base_in_bucket = garage
         .client(1)
-        .get(&object_store::path::Path::from(format!(
-            "blobs/docker.io/sha256/{}",
-            base.digest().trim_start_matches("sha256:")
-        )))
+        .get(&blob_key("docker.io", &base.digest()))
         .await
         .unwrap()
         .bytes()
@@ -245,9 +239,7 @@ async fn replicas_fetch_each_blob_from_upstream_once_for_the_fleet() {
         unique.len(),
         "one upstream GET per unique blob for the whole fleet; seen: {:?}\n{}\n{}",
         meter
-            .seen
-            .lock()
-            .unwrap()
+            .requests()
             .iter()
             .map(|s| (&s.method, &s.path))
             .collect::<Vec<_>>(),
@@ -381,21 +373,24 @@ async fn replicas_fetch_each_blob_from_upstream_once_for_the_fleet() {
     assert_eq!(meter.blob_gets(), before, "nothing more went upstream");
 }
 
+/// A real upstream behind a meter, holding `repo:1.0`: one layer of `size` bytes.
+async fn one_layer(repo: &str, seed: u64, size: usize) -> (Registry, Meter, Layer) {
+    let registry = Registry::start().await;
+    let meter = Meter::start(registry.addr).await;
+    let layer = Layer::new(seed, size);
+    let img = Image::new(OCI_MANIFEST, "amd64", vec![layer.clone()]);
+    registry.push(repo, "1.0", &img).await;
+    (registry, meter, layer)
+}
+
 /// A bucket copy with the wrong bytes (bit rot, a bad write by hand) is never served whole:
 /// the client's body is cut, the copy is deleted, the next request goes upstream, and the
 /// bucket ends up with the right bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_bucket_copy_is_never_served() {
-    let registry = Registry::start().await;
-    let meter = Meter::start(registry.addr).await;
-    let layer = Layer::new(9100, 3 << 20);
-    let img = Image::new(OCI_MANIFEST, "amd64", vec![layer.clone()]);
-    registry.push("team/rot", "1.0", &img).await;
+    let (_registry, meter, layer) = one_layer("team/rot", 9100, 3 << 20).await;
     let garage = Garage::start(1).await;
-    let key = object_store::path::Path::from(format!(
-        "blobs/docker.io/sha256/{}",
-        layer.digest().trim_start_matches("sha256:")
-    ));
+    let key = blob_key("docker.io", &layer.digest());
     let mut wrong = layer.blob.to_vec();
     wrong[1000] ^= 0xff;
     garage
@@ -463,11 +458,7 @@ async fn a_damaged_bucket_copy_is_never_served() {
 /// best effort, not a lock); both serve the right bytes and the bucket holds one good copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_misses_on_two_replicas_are_both_correct() {
-    let registry = Registry::start().await;
-    let meter = Meter::start(registry.addr).await;
-    let layer = Layer::new(9200, 8 << 20);
-    let img = Image::new(OCI_MANIFEST, "amd64", vec![layer.clone()]);
-    registry.push("team/race", "1.0", &img).await;
+    let (_registry, meter, layer) = one_layer("team/race", 9200, 8 << 20).await;
     let garage = Garage::start(1).await;
     let dir = common::clients::short_tempdir("race");
     let storage = garage.storage_toml(0, "part_size = \"5MiB\"");
@@ -669,10 +660,7 @@ async fn a_graceful_stop_finishes_uploads_first() {
     );
     // SIGTERM at once: the upload (7 parts) is still under way when the response has ended.
     r.terminate();
-    let key = object_store::path::Path::from(format!(
-        "blobs/docker.io/sha256/{}",
-        layer.digest().trim_start_matches("sha256:")
-    ));
+    let key = blob_key("docker.io", &layer.digest());
     let got = garage
         .client(0)
         .get(&key)

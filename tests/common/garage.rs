@@ -39,6 +39,12 @@ pub fn binary() -> PathBuf {
         })
 }
 
+/// The bucket key regcache (default `prefix`) writes a blob fetched from `upstream` under.
+pub fn blob_key(upstream: &str, digest: &str) -> object_store::path::Path {
+    let (algorithm, hex) = digest.split_once(':').expect("algorithm:hex");
+    object_store::path::Path::from(format!("blobs/{upstream}/{algorithm}/{hex}"))
+}
+
 pub struct Node {
     child: Option<Child>,
     config: PathBuf,

@@ -292,6 +292,11 @@ impl Meter {
             .count()
     }
 
+    /// Every request so far, in order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
     pub fn blob_gets(&self) -> usize {
         self.count("GET", "/blobs/")
     }
