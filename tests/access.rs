@@ -78,6 +78,18 @@ fn set_bot_env() {
 }
 
 /// The status, OCI code, message and `WWW-Authenticate` of an error answer.
+/// A real upstream holding each `(repo, image)` as `repo:1`, behind a meter; the secrets'
+/// files; and the bot token's variable set.
+async fn upstream_with(images: &[(&str, &Image)]) -> (Registry, Meter, Secrets) {
+    set_bot_env();
+    let registry = Registry::start().await;
+    for (repo, img) in images {
+        registry.push(repo, "1", img).await;
+    }
+    let meter = Meter::start(registry.addr).await;
+    (registry, meter, Secrets::new())
+}
+
 async fn refusal(resp: reqwest::Response) -> (u16, String, String, Option<String>) {
     let challenge = resp
         .headers()
@@ -105,18 +117,17 @@ async fn get(url: String, authorization: Option<&str>) -> reqwest::Response {
 /// policy's deny list on every spelling, and the denial counter; none of it reaches upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_rules_and_denials_over_http() {
-    set_bot_env();
-    let registry = Registry::start().await;
     let (app, alpine, secret) = (
         Image::simple(801, 2),
         Image::simple(802, 1),
         Image::simple(803, 1),
     );
-    registry.push("team/app", "1", &app).await;
-    registry.push("library/alpine", "1", &alpine).await;
-    registry.push("secret/x", "1", &secret).await;
-    let meter = Meter::start(registry.addr).await;
-    let s = Secrets::new();
+    let (_registry, meter, s) = upstream_with(&[
+        ("team/app", &app),
+        ("library/alpine", &alpine),
+        ("secret/x", &secret),
+    ])
+    .await;
     let cache = regcache(&format!(
         "{}{}",
         upstream_toml("docker.io", &meter.url(), "deny = [\"secret/**\"]"),
@@ -243,13 +254,8 @@ async fn logins_rules_and_denials_over_http() {
 /// `anonymous = true` opens one upstream (Docker Hub style) while another needs a login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_upstream_beside_one_that_needs_a_login() {
-    set_bot_env();
-    let registry = Registry::start().await;
     let img = Image::simple(811, 1);
-    registry.push("library/alpine", "1", &img).await;
-    registry.push("team/app", "1", &img).await;
-    let meter = Meter::start(registry.addr).await;
-    let s = Secrets::new();
+    let (registry, meter, s) = upstream_with(&[("library/alpine", &img), ("team/app", &img)]).await;
     let cache = regcache(&format!(
         "{}{}{}",
         upstream_toml("docker.io", &meter.url(), "anonymous = true"),
@@ -273,16 +279,12 @@ async fn an_anonymous_upstream_beside_one_that_needs_a_login() {
 /// skopeo with `--creds` (and without: refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_with_creds() {
-    set_bot_env();
-    let registry = Registry::start().await;
     let img = Image::new(
         OCI_MANIFEST,
         "amd64",
         vec![Layer::new(82_100, 5000), Layer::new(82_101, 6000)],
     );
-    registry.push("team/app", "1", &img).await;
-    let meter = Meter::start(registry.addr).await;
-    let s = Secrets::new();
+    let (_registry, meter, s) = upstream_with(&[("team/app", &img)]).await;
     let cache = regcache(&format!(
         "{}{}",
         upstream_toml("docker.io", &meter.url(), ""),
@@ -339,12 +341,8 @@ async fn skopeo_with_creds() {
 /// dockerd sends the stored credentials to the registry it logged in to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_login_then_pull_from_regcache_as_a_registry() {
-    set_bot_env();
-    let registry = Registry::start().await;
     let img = Image::simple(831, 2);
-    registry.push("team/app", "1", &img).await;
-    let meter = Meter::start(registry.addr).await;
-    let s = Secrets::new();
+    let (_registry, meter, s) = upstream_with(&[("team/app", &img)]).await;
     let cache = regcache(&format!(
         "{}{}",
         upstream_toml("docker.io", &meter.url(), ""),
