@@ -565,7 +565,8 @@ async fn a_private_blob_in_the_bucket_is_served_only_where_upstream_has_it() {
     let secret_layer = Layer::new(9400, 200_000);
     let secret = Image::new(OCI_MANIFEST, "amd64", vec![secret_layer.clone()]);
     up.push("private/secret", "1", &secret).await;
-    up.push("public/x", "1", &Image::simple(9401, 1)).await;
+    let public = Image::simple(9401, 1);
+    up.push("public/x", "1", &public).await;
     let meter = Meter::start(up.registry.addr).await;
     let garage = Garage::start(1).await;
     let dir = common::clients::short_tempdir("private");
@@ -630,6 +631,16 @@ async fn a_private_blob_in_the_bucket_is_served_only_where_upstream_has_it() {
         0,
         "no upstream GET: the bytes came from the bucket"
     );
+
+    // A blob the bucket lacks costs no upstream HEAD for the repository check: upstream's
+    // GET answers for the repository.
+    let other = public.layers[0].digest();
+    assert_eq!(
+        common::get_blob(&b.url, "public/x", &other).await,
+        public.layers[0].blob
+    );
+    assert_eq!(meter.count("HEAD", &other), 0);
+    assert_eq!(meter.count("GET", &other), 1);
 }
 
 /// A replica stopping gracefully (a rolling update) finishes its uploads before it exits:

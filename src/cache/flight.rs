@@ -191,14 +191,7 @@ impl Fill {
 
     /// A reader of this fill's bytes `start..end`.
     pub fn reader(&self, start: u64, end: Option<u64>) -> Reader {
-        Reader {
-            file: Arc::clone(&self.file),
-            progress: Some(self.progress.clone()),
-            window: Some(Arc::clone(&self.window)),
-            pos: start,
-            end,
-            done: false,
-        }
+        Reader::following(&self.file, self.progress.clone(), &self.window, start, end)
     }
 }
 
@@ -225,6 +218,24 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// A reader of a fill's bytes `start..end`, as `progress` makes them readable.
+    fn following(
+        file: &Arc<File>,
+        progress: watch::Receiver<Progress>,
+        window: &Arc<Window>,
+        start: u64,
+        end: Option<u64>,
+    ) -> Reader {
+        Reader {
+            file: Arc::clone(file),
+            progress: Some(progress),
+            window: Some(Arc::clone(window)),
+            pos: start,
+            end,
+            done: false,
+        }
+    }
+
     /// A reader of committed content `start..end`.
     pub fn complete(file: Arc<File>, start: u64, end: u64) -> Reader {
         Reader {
@@ -489,14 +500,7 @@ where
     });
     if let Some(bucket) = spec.bucket.as_ref().filter(|_| !bucket_bytes) {
         // The shared tier gets the blob too, following the temp file at its own pace.
-        let reader = Reader {
-            file: Arc::clone(&temp.file),
-            progress: Some(tx.subscribe()),
-            window: Some(Arc::clone(window)),
-            pos: 0,
-            end: None,
-            done: false,
-        };
+        let reader = Reader::following(&temp.file, tx.subscribe(), window, 0, None);
         bucket.upload(&spec.upstream.name, &spec.digest, reader);
     }
     let body = &mut source.body;

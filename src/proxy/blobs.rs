@@ -95,21 +95,13 @@ impl Proxy {
                 return Ok(hit(file, len));
             }
         }
-        // The shared bucket's copy came from this upstream, but maybe for another
-        // repository: for a private upstream it is served once the repository is known to
-        // hold it, as a copy on disk would be.
-        let bucket = match &self.bucket {
-            Some(b) => {
-                self.may_serve(t, Kind::Blob, digest, client).await?;
-                Some(Arc::clone(b))
-            }
-            None => None,
-        };
+        let bucket = self.bucket.clone();
         if head {
-            if let Some(size) = match &bucket {
-                Some(b) => b.head(up, digest).await,
-                None => None,
-            } {
+            if let Some(b) = &bucket
+                && let Some(size) = b.head(up, digest).await
+            {
+                // The copy came from this upstream, maybe for another repository.
+                self.may_serve(t, Kind::Blob, digest, client).await?;
                 return Ok(BlobAnswer {
                     size: Some(size),
                     body: BlobBody::None,
@@ -138,7 +130,7 @@ impl Proxy {
         let source = async move {
             // Another replica may have fetched it already.
             if let Some(b) = &bucket
-                && let Some(copy) = b.open(&target.upstream.name, &d).await
+                && let Some(copy) = bucket_copy(b, &seen_by, &target, &d, &asker).await?
             {
                 return Ok(copy);
             }
@@ -261,6 +253,31 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok()))
     }
+}
+
+/// The shared bucket's copy of `digest` as a fill source, if it has one this request may
+/// have. The copy came from this upstream but maybe for another repository: for a private
+/// upstream it is used once upstream confirms the repository holds it (upstream's refusal is
+/// the answer), as a copy on disk would be. That check waits for a bucket HEAD saying the
+/// copy exists, so a miss in the bucket costs no upstream HEAD.
+async fn bucket_copy(
+    bucket: &Arc<crate::cache::bucket::Bucket>,
+    proxy: &std::sync::Weak<Proxy>,
+    t: &Target,
+    digest: &Digest,
+    client: &ClientInfo,
+) -> Result<Option<Source>> {
+    let up = &t.upstream.name;
+    if t.upstream.is_private() {
+        if bucket.head(up, digest).await.is_none() {
+            return Ok(None);
+        }
+        let Some(p) = proxy.upgrade() else {
+            return Ok(None);
+        };
+        p.may_serve(t, Kind::Blob, digest, client).await?;
+    }
+    Ok(bucket.open(up, digest).await)
 }
 
 fn hit(file: Arc<File>, size: u64) -> BlobAnswer {
