@@ -18,6 +18,7 @@ use crate::oci::route::{self, Route};
 use crate::oci::{API_VERSION_HEADER, DIGEST_HEADER, range};
 
 use crate::proxy::{BlobBody, CacheResult, ClientInfo, Proxy};
+use crate::sendfile::Loans;
 
 /// What a request turned out to be, for metrics.
 struct Served {
@@ -401,6 +402,11 @@ async fn dispatch<B>(
                     let source = match answer.body {
                         BlobBody::File(_) => "cache",
                         _ => "upstream",
+                    };
+                    // Committed bytes go out by sendfile where the connection can.
+                    let reader = match (&answer.body, req.extensions().get::<Arc<Loans>>()) {
+                        (BlobBody::File(_), Some(loans)) => reader.lend_to(Arc::clone(loans)),
+                        _ => reader,
                     };
                     let counter = proxy.metrics().served_bytes.with_label_values(&[source]);
                     stream(reader, counter)

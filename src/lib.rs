@@ -12,6 +12,7 @@ pub mod handler;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
+pub mod sendfile;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub lookups: IntCounterVec,
     /// Body bytes sent to clients by source (cache | upstream).
     pub served_bytes: IntCounterVec,
+    /// Body bytes sent to clients with `sendfile`, without a copy through regcache's memory
+    /// (part of `served_bytes{source="cache"}`).
+    pub sendfile_bytes: IntCounter,
     /// Body bytes fetched from each upstream.
     pub fetched_bytes: IntCounterVec,
     /// Upstream exchanges by upstream, method, status.
@@ -121,6 +124,15 @@ impl Metrics {
                 "Body bytes sent to clients, by source: cache (already on disk) or upstream (being fetched).",
                 &["source"],
             ),
+            sendfile_bytes: {
+                let c = IntCounter::new(
+                    "regcache_sendfile_bytes_total",
+                    "Blob bytes sent from disk to clients with sendfile(2), without a copy through regcache's memory (plain-HTTP/1 connections; part of regcache_served_bytes_total{source=\"cache\"}).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique");
+                c
+            },
             fetched_bytes: counter(
                 "regcache_upstream_fetched_bytes_total",
                 "Body bytes fetched from upstream.",

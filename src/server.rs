@@ -29,6 +29,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::handler;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, StartError};
+use crate::sendfile::{Loans, Socket};
 use crate::tls::{Tls, TlsError};
 
 /// How long shutdown waits for in-flight requests.
@@ -200,14 +201,19 @@ impl Server {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 match acceptor {
-                    None => conn.serve(stream).await,
+                    None => {
+                        // Plain TCP: committed blobs can go out by sendfile.
+                        let loans = Loans::new(conn.proxy.metrics().sendfile_bytes.clone());
+                        let socket = Socket::new(stream, Arc::clone(&loans));
+                        conn.serve(socket, Some(loans)).await
+                    }
                     Some(acceptor) => {
                         let handshake = tokio::time::timeout(
                             limits.header_read_timeout,
                             acceptor.accept(stream),
                         );
                         match handshake.await {
-                            Ok(Ok(tls)) => conn.serve(tls).await,
+                            Ok(Ok(tls)) => conn.serve(tls, None).await,
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")
                             }
@@ -291,8 +297,9 @@ struct Connection {
 
 impl Connection {
     /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, the connection has been idle
-    /// for `idle_timeout`, or graceful shutdown finishes it.
-    async fn serve<I>(self, io: I)
+    /// for `idle_timeout`, or graceful shutdown finishes it. `loans` is the socket's, when it
+    /// sends lent ranges with `sendfile`.
+    async fn serve<I>(self, io: I, loans: Option<Arc<Loans>>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -305,9 +312,16 @@ impl Connection {
         } = self;
         let activity = Arc::new(Activity::new());
         let active = Arc::clone(&activity);
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let proxy = Arc::clone(&proxy);
             let busy = Busy::start(&active);
+            // HTTP/1 only: an HTTP/2 stream's data is framed and flow-controlled in pieces,
+            // and its lent chunks would be read through the mapping, costing memory.
+            if let Some(loans) = &loans
+                && req.version() < http::Version::HTTP_2
+            {
+                req.extensions_mut().insert(Arc::clone(loans));
+            }
             async move {
                 let resp = handler::handle(proxy, req).await;
                 Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, _busy: busy }))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::image::{self, DOCKER_LIST, DOCKER_V2, OCI_INDEX, OCI_MANIFEST};
 use common::{
-    ACCEPT_ALL, Image, Layer, Meter, Regcache, Registry, get_blob, get_manifest, http, pull,
+    ACCEPT_ALL, Image, Layer, Meter, Regcache, Registry, Scrape, get_blob, get_manifest, http, pull,
 };
 
 struct Setup {
@@ -427,4 +427,66 @@ async fn concurrent_cold_pulls_fetch_each_blob_once() {
         fetched <= layer.blob.len() as u64 + 4096,
         "upstream bytes {fetched} ~ one blob"
     );
+}
+
+/// Hot blobs on a plain HTTP/1.1 connection go out by sendfile (counted by
+/// `regcache_sendfile_bytes_total`), byte-exact, whole and by Range, one after another on a
+/// keep-alive connection; a fill's bytes are sent as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_blobs_go_out_by_sendfile_byte_exact() {
+    let s = setup(|_| {}).await;
+    // Over two lent chunks (4 MiB each), ending off a page boundary.
+    let big = Layer::new(77, 9 * 1024 * 1024);
+    let img = Image::new(DOCKER_V2, "amd64", vec![big.clone()]);
+    s.registry.push("library/rcsend", "1", &img).await;
+    let url = s.cache.url();
+    let size = big.blob.len();
+    let sent = || async {
+        Scrape::of(&url)
+            .await
+            .get("regcache_sendfile_bytes_total", &[])
+    };
+
+    let cold = get_blob(&url, "library/rcsend", &big.digest()).await;
+    assert_eq!(image::sha256(&cold), big.digest());
+    assert_eq!(sent().await, 0.0, "a fill's bytes are not lent");
+    // The fill commits just after the client's last byte.
+    Scrape::until(&url, |m| {
+        m.get("regcache_cache_objects", &[]) >= 1.0
+            && m.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
+
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let blob_url = format!("{url}/v2/library/rcsend/blobs/{}", big.digest());
+    for round in 0..3 {
+        let resp = client.get(&blob_url).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["cache-status"], "regcache; hit");
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(image::sha256(&body), big.digest(), "hot GET {round}");
+    }
+    assert_eq!(
+        sent().await,
+        (3 * size) as f64,
+        "every hot byte by sendfile"
+    );
+
+    // A range across a chunk boundary, from an odd offset.
+    let (start, end) = (4 * 1024 * 1024 - 3, 8 * 1024 * 1024 + 5);
+    let resp = client
+        .get(&blob_url)
+        .header("range", format!("bytes={start}-{end}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(&body[..], &big.blob[start..=end]);
+    assert_eq!(sent().await, (3 * size + end - start + 1) as f64);
+    assert_eq!(s.meter.blob_gets(), 1, "one upstream GET in all");
 }

@@ -30,6 +30,7 @@ use super::blobs::{Store, blocking};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oci::digest::{Digest, Verifier};
+use crate::sendfile::Loans;
 use crate::upstream::Upstream;
 
 /// Deduplicates concurrent work by key; the result is cloned to every waiter.
@@ -202,6 +203,9 @@ pub const READ_CHUNK: u64 = 256 * 1024;
 /// for 64 concurrent downloads; 1 MiB 4.99 GiB/s but 80 MiB; 256 KiB 3.85 GiB/s and 32 MiB
 /// (BENCHMARKS.md).
 const MAP_CHUNK: u64 = 512 * 1024;
+/// Bytes of a committed blob lent per chunk to a socket that sends them with `sendfile`. Lent
+/// chunks are not faulted in, so their size costs no memory; larger ones cost fewer mappings.
+const LENT_CHUNK: u64 = 4 * 1024 * 1024;
 /// How much upstream data is gathered before one write + hash step.
 const WRITE_BATCH: usize = 512 * 1024;
 
@@ -215,6 +219,8 @@ pub struct Reader {
     pos: u64,
     end: Option<u64>,
     done: bool,
+    /// The client's socket sends committed chunks with `sendfile`: lend them to it.
+    loans: Option<Arc<Loans>>,
 }
 
 impl Reader {
@@ -233,6 +239,7 @@ impl Reader {
             pos: start,
             end,
             done: false,
+            loans: None,
         }
     }
 
@@ -245,7 +252,15 @@ impl Reader {
             pos: start,
             end: Some(end),
             done: false,
+            loans: None,
         }
+    }
+
+    /// Lends the committed chunks this reader yields to a socket that sends them with
+    /// `sendfile` (see `crate::sendfile`). A fill's bytes are not lent.
+    pub fn lend_to(mut self, loans: Arc<Loans>) -> Reader {
+        self.loans = Some(loans);
+        self
     }
 
     /// The next chunk, `None` at the end. An error means the fill failed: the client's body
@@ -291,7 +306,12 @@ impl Reader {
             if self.pos < readable {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 let (file, pos) = (Arc::clone(&self.file), self.pos);
-                let chunk = if self.progress.is_none() {
+                let chunk = if let (None, Some(loans)) = (&self.progress, &self.loans) {
+                    // Committed and lent: the socket sends it from the page cache.
+                    let len = (limit - self.pos).min(LENT_CHUNK) as usize;
+                    let loans = Arc::clone(loans);
+                    blocking(move || loans.map(&file, pos, len)).await
+                } else if self.progress.is_none() {
                     // Committed, immutable content: mapped, not copied.
                     let len = (limit - self.pos).min(MAP_CHUNK) as usize;
                     blocking(move || super::mapped::map_at(&file, pos, len)).await

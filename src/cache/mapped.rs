@@ -1,8 +1,9 @@
 //! Committed blobs served from a memory mapping: the bytes go from the page cache to the
-//! socket with one copy instead of two (no `pread` into a buffer first).
+//! socket with one copy instead of two (no `pread` into a buffer first), or with none when the
+//! connection can `sendfile` them (`crate::sendfile`).
 //!
-//! The one `unsafe` in regcache. A mapping is sound while nobody truncates or rewrites the
-//! file under it, and regcache never does that to a committed blob: content is written to
+//! The `unsafe` in regcache lives here. A mapping is sound while nobody truncates or rewrites
+//! the file under it, and regcache never does that to a committed blob: content is written to
 //! `tmp/`, verified, then renamed to its digest's path and never opened for writing again;
 //! eviction and purge unlink it, which leaves open mappings valid until they are dropped.
 //! (A person truncating files in the data dir by hand would make a reader fault; that is the
@@ -13,24 +14,72 @@ use std::io;
 
 use bytes::Bytes;
 
+/// `len` bytes of a committed file at `pos`, mapped read-only.
+pub struct Mapping {
+    map: memmap2::Mmap,
+    /// Bytes between the page boundary the mapping starts on and `pos`.
+    skip: usize,
+}
+
+impl Mapping {
+    /// Maps `pos..pos + len` of the committed `file`. With `populate` the pages are faulted in
+    /// now (call off the async threads: that may read from disk); without, nothing is read
+    /// until someone touches the bytes.
+    #[allow(unsafe_code)]
+    pub fn new(file: &File, pos: u64, len: usize, populate: bool) -> io::Result<Mapping> {
+        // Mappings start on a page boundary.
+        let page = rustix::param::page_size() as u64;
+        let start = pos - pos % page;
+        let skip = (pos - start) as usize;
+        let mut options = memmap2::MmapOptions::new();
+        options.offset(start).len(skip + len);
+        if populate {
+            options.populate();
+        }
+        // SAFETY: see the module comment: the file is a committed blob, never written again.
+        let map = unsafe { options.map(file)? };
+        Ok(Mapping { map, skip })
+    }
+
+    /// Whether every page of the mapped range is in the page cache, so reading it (or
+    /// `sendfile` of it) does not wait for the disk. Asks the kernel (`mincore`); touches
+    /// nothing.
+    #[allow(unsafe_code)]
+    pub fn is_resident(&self) -> io::Result<bool> {
+        let page = rustix::param::page_size();
+        let mut pages = vec![0u8; self.map.len().div_ceil(page)];
+        // SAFETY: the range is exactly our live mapping, which starts on a page boundary, and
+        // `pages` has one byte per page of it, as mincore(2) requires.
+        let rc = unsafe {
+            libc::mincore(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                pages.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(pages.iter().all(|p| p & 1 == 1))
+    }
+
+    /// Reads every page of the range into the page cache now (call off the async threads).
+    pub fn populate(&self) -> io::Result<()> {
+        self.map.advise(memmap2::Advice::PopulateRead)
+    }
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.skip..]
+    }
+}
+
 /// `len` bytes of the committed file at `pos`, mapped and faulted in (call off the async
 /// threads: populating may read from disk). The mapping is unmapped when the last `Bytes`
 /// referring to it is dropped, so memory stays bounded by the chunks in flight.
-#[allow(unsafe_code)]
 pub fn map_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    // Mappings start on a page boundary.
-    let page = rustix::param::page_size() as u64;
-    let start = pos - pos % page;
-    let skip = (pos - start) as usize;
-    // SAFETY: see the module comment: the file is a committed blob, never written again.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(start)
-            .len(skip + len)
-            .populate()
-            .map(file)?
-    };
-    Ok(Bytes::from_owner(map).slice(skip..))
+    Ok(Bytes::from_owner(Mapping::new(file, pos, len, true)?))
 }
 
 #[cfg(test)]
@@ -52,6 +101,10 @@ mod tests {
         ] {
             let got = map_at(&f, pos as u64, len).unwrap();
             assert_eq!(&got[..], &data[pos..pos + len], "{pos}+{len}");
+            let lazy = Mapping::new(&f, pos as u64, len, false).unwrap();
+            lazy.populate().unwrap();
+            assert!(lazy.is_resident().unwrap(), "{pos}+{len} populated");
+            assert_eq!(lazy.as_ref(), &data[pos..pos + len], "{pos}+{len} lazy");
         }
     }
 }

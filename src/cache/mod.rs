@@ -8,6 +8,8 @@ pub mod lifecycle;
 mod mapped;
 pub mod verify;
 
+pub use mapped::Mapping;
+
 use std::path::Path;
 
 /// Opens a data dir's store and index for an offline command. Fails clearly while a running
