@@ -154,6 +154,7 @@ impl Server {
             ));
         }
         let limits = proxy.config().limits.clone();
+        let sendfile = proxy.config().storage.sendfile;
         let acceptor = tls.map(|t| {
             let every = proxy.config().tls.reload_interval;
             tokio::spawn(Arc::clone(&t.certificate).watch(every, metrics_stopped.clone()));
@@ -201,12 +202,13 @@ impl Server {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 match acceptor {
-                    None => {
-                        // Plain TCP: committed blobs can go out by sendfile.
+                    // Plain TCP: committed blobs can go out by sendfile.
+                    None if sendfile => {
                         let loans = Loans::new(conn.proxy.metrics().sendfile_bytes.clone());
                         let socket = Socket::new(stream, Arc::clone(&loans));
                         conn.serve(socket, Some(loans)).await
                     }
+                    None => conn.serve(stream, None).await,
                     Some(acceptor) => {
                         let handshake = tokio::time::timeout(
                             limits.header_read_timeout,

@@ -40,6 +40,7 @@ pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(15);
 pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Client connections served at once; more wait in the listen backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_SENDFILE: bool = true;
 /// Deadline for a client's TLS handshake and each request's headers (slowloris).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection with no request in progress for this long is closed.
@@ -235,13 +236,32 @@ impl TlsConfig {
 /// The blob tiers. `local`: the data dir only. `s3`: the data dir stays the hot tier (bounded
 /// by `cache.max_size`), and verified blobs are also written to an S3-compatible bucket that
 /// every replica reads before asking upstream.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     #[serde(default)]
     pub kind: StorageKind,
+    /// Committed blobs go to plain-HTTP/1 clients with `sendfile(2)`, from the page cache to
+    /// the socket without a copy through regcache (nginx's `sendfile on`). Off: they are
+    /// copied from a memory mapping, as over TLS and HTTP/2.
+    #[serde(default = "d_sendfile")]
+    pub sendfile: bool,
     #[serde(default)]
     pub s3: S3Config,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            kind: StorageKind::default(),
+            sendfile: DEFAULT_SENDFILE,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+fn d_sendfile() -> bool {
+    DEFAULT_SENDFILE
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
