@@ -207,7 +207,7 @@ impl AsyncWrite for Socket {
                     Ok(rustix::net::send(
                         &this.stream,
                         head,
-                        rustix::net::SendFlags::MORE,
+                        rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
                     )?)
                 })
             }
