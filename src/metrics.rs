@@ -94,6 +94,11 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("unique");
             g
         };
+        let single = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique");
+            c
+        };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             let h = HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(BUCKETS.into()),
@@ -124,15 +129,10 @@ impl Metrics {
                 "Body bytes sent to clients, by source: cache (already on disk) or upstream (being fetched).",
                 &["source"],
             ),
-            sendfile_bytes: {
-                let c = IntCounter::new(
-                    "regcache_sendfile_bytes_total",
-                    "Blob bytes sent from disk to clients with sendfile(2), without a copy through regcache's memory (plain-HTTP/1 connections; part of regcache_served_bytes_total{source=\"cache\"}).",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique");
-                c
-            },
+            sendfile_bytes: single(
+                "regcache_sendfile_bytes_total",
+                "Blob bytes sent from disk to clients with sendfile(2), without a copy through regcache's memory (plain-HTTP/1 connections; part of regcache_served_bytes_total{source=\"cache\"}).",
+            ),
             fetched_bytes: counter(
                 "regcache_upstream_fetched_bytes_total",
                 "Body bytes fetched from upstream.",
@@ -197,24 +197,14 @@ impl Metrics {
                 "regcache_disk_size_bytes",
                 "Size of the data dir's file system.",
             ),
-            evictions: {
-                let c = IntCounter::new(
-                    "regcache_cache_evictions_total",
-                    "Content removed from disk by the lifecycle policy.",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique");
-                c
-            },
-            passthrough: {
-                let c = IntCounter::new(
-                    "regcache_passthrough_total",
-                    "Blobs streamed from upstream uncached because the data dir took no writes.",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique");
-                c
-            },
+            evictions: single(
+                "regcache_cache_evictions_total",
+                "Content removed from disk by the lifecycle policy.",
+            ),
+            passthrough: single(
+                "regcache_passthrough_total",
+                "Blobs streamed from upstream uncached because the data dir took no writes.",
+            ),
             fill_duration: {
                 let h = Histogram::with_opts(
                     HistogramOpts::new(

@@ -17,7 +17,6 @@
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
@@ -30,14 +29,13 @@ use crate::cache::Mapping;
 /// The mapped ranges lent to one connection's socket.
 pub struct Loans {
     ranges: Mutex<Vec<Loan>>,
-    next_id: AtomicU64,
     /// Bytes sent with `sendfile` (`regcache_sendfile_bytes_total`).
     sent: prometheus::IntCounter,
 }
 
-/// One lent range: memory at `addr..addr + len` holds `file`'s bytes from `offset`.
+/// One lent range: memory at `addr..addr + len` holds `file`'s bytes from `offset`. Live
+/// mappings never share an address, so `addr` names the loan.
 struct Loan {
-    id: u64,
     addr: usize,
     len: usize,
     file: Arc<File>,
@@ -48,7 +46,6 @@ impl Loans {
     pub fn new(sent: prometheus::IntCounter) -> Arc<Loans> {
         Arc::new(Loans {
             ranges: Mutex::new(Vec::new()),
-            next_id: AtomicU64::new(0),
             sent,
         })
     }
@@ -63,10 +60,9 @@ impl Loans {
             map.populate()?;
         }
         let bytes: &[u8] = map.as_ref();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let addr = bytes.as_ptr() as usize;
         self.ranges.lock().expect("loans").push(Loan {
-            id,
-            addr: bytes.as_ptr() as usize,
+            addr,
             len: bytes.len(),
             file: Arc::clone(file),
             offset: pos,
@@ -74,7 +70,7 @@ impl Loans {
         Ok(Bytes::from_owner(Lent {
             _returned: Returned {
                 loans: Arc::clone(self),
-                id,
+                addr,
             },
             map,
         }))
@@ -87,13 +83,16 @@ impl Loans {
         if ranges.is_empty() {
             return None;
         }
-        bufs.iter().enumerate().find_map(|(i, b)| {
-            let at = b.as_ptr() as usize;
-            ranges
-                .iter()
-                .find(|r| !b.is_empty() && r.addr <= at && at + b.len() <= r.addr + r.len)
-                .map(|r| (i, Arc::clone(&r.file), r.offset + (at - r.addr) as u64))
-        })
+        bufs.iter()
+            .enumerate()
+            .filter(|(_, b)| !b.is_empty())
+            .find_map(|(i, b)| {
+                let at = b.as_ptr() as usize;
+                ranges
+                    .iter()
+                    .find(|r| r.addr <= at && at + b.len() <= r.addr + r.len)
+                    .map(|r| (i, Arc::clone(&r.file), r.offset + (at - r.addr) as u64))
+            })
     }
 }
 
@@ -113,13 +112,13 @@ impl AsRef<[u8]> for Lent {
 /// Takes a range off its connection's loans when dropped.
 struct Returned {
     loans: Arc<Loans>,
-    id: u64,
+    addr: usize,
 }
 
 impl Drop for Returned {
     fn drop(&mut self) {
         let mut ranges = self.loans.ranges.lock().expect("loans");
-        if let Some(i) = ranges.iter().position(|r| r.id == self.id) {
+        if let Some(i) = ranges.iter().position(|r| r.addr == self.addr) {
             ranges.swap_remove(i);
         }
     }

@@ -40,6 +40,7 @@ pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(15);
 pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Client connections served at once; more wait in the listen backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Committed blobs go to plain-HTTP/1 clients by sendfile(2).
 pub const DEFAULT_SENDFILE: bool = true;
 /// Deadline for a client's TLS handshake and each request's headers (slowloris).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
