@@ -399,15 +399,15 @@ async fn dispatch<B>(
             }
             let body = match answer.reader(start, end) {
                 Some(reader) if !head => {
-                    // Committed bytes go out by sendfile where the connection can.
-                    let (source, reader) =
-                        match (&answer.body, req.extensions().get::<Arc<Loans>>()) {
-                            (BlobBody::File(_), Some(loans)) => {
-                                ("cache", reader.lend_to(Arc::clone(loans)))
-                            }
-                            (BlobBody::File(_), None) => ("cache", reader),
-                            _ => ("upstream", reader),
-                        };
+                    let source = match answer.body {
+                        BlobBody::File(_) => "cache",
+                        _ => "upstream",
+                    };
+                    // Bytes on disk go out by sendfile where the connection can.
+                    let reader = match req.extensions().get::<Arc<Loans>>() {
+                        Some(loans) => reader.lend_to(Arc::clone(loans)),
+                        None => reader,
+                    };
                     let counter = proxy.metrics().served_bytes.with_label_values(&[source]);
                     stream(reader, counter)
                 }

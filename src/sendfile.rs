@@ -1,7 +1,7 @@
-//! Zero-copy serving of committed blobs on plain-TCP HTTP/1 connections.
+//! Zero-copy serving of blob bytes on disk on plain-TCP HTTP/1 connections.
 //!
 //! hyper writes a response body by handing the socket the body's own buffers (vectored
-//! writes, no copy), and a committed blob's chunks are memory mappings of its file
+//! writes, no copy), and a blob's chunks on disk are memory mappings of its file
 //! (`cache::mapped`). A [`Socket`] asked to write bytes that lie in a mapping lent to it
 //! ([`Loans::map`]) sends those bytes of the file with `sendfile(2)` instead: the kernel moves
 //! them from the page cache to the socket, with no copy through regcache's memory and without
@@ -9,7 +9,8 @@
 //! still owns the protocol (framing, keep-alive, errors).
 //!
 //! Invariant: a range is on loan only while its mapping exists, and the mapped memory always
-//! equals the file's bytes at the recorded offset (committed blobs are never written again).
+//! equals the file's bytes at the recorded offset (committed blobs are never written again, a
+//! fill's written part neither: `cache::mapped`).
 //! So whatever hyper does with a buffer (writes it whole or in parts, or copies it), sending
 //! the file's bytes in place of the memory's is byte-for-byte the same answer. The socket
 //! never reads a lent address; it only compares it.
@@ -50,7 +51,7 @@ impl Loans {
         })
     }
 
-    /// `len` bytes of the committed `file` at `pos`, mapped without being read and lent to
+    /// `len` bytes of `file` at `pos` (written, never to change), mapped without being read and lent to
     /// this connection's socket until the `Bytes` is dropped. Call off the async threads:
     /// pages not in the page cache are read in first, so `sendfile` never waits for the disk
     /// on an async thread.

@@ -207,6 +207,66 @@ async fn a_slow_reader_does_not_slow_a_fast_one() {
     assert_eq!(up.count("GET", &layer), 1);
 }
 
+/// A client that joins a fill after the writer has put the first half on disk gets that half
+/// from the temp file by sendfile (no copy through regcache), the rest as it arrives, and the
+/// whole blob byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_the_written_part_by_sendfile() {
+    const MIB: usize = 1 << 20;
+    let faults = Faults {
+        drip: Some((2, Duration::from_millis(1500))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 6, 12 * MIB).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    let early = tokio::spawn({
+        let url = url.clone();
+        async move { get_all(&url).await }
+    });
+    // Upstream has sent the first 6 MiB and pauses: wait until the temp file holds them.
+    let tmp = cache.data.path().join("tmp");
+    let written = || {
+        std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0)
+    };
+    let waited = std::time::Instant::now();
+    while written() < 6 * MIB as u64 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the fill wrote 6 MiB"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        up.load.blobs_completed.load(SeqCst),
+        0,
+        "upstream is mid-blob"
+    );
+
+    let late = get_all(&url).await.unwrap();
+    assert_eq!(image::sha256(&late), layer);
+    assert_eq!(image::sha256(&early.await.unwrap().unwrap()), layer);
+    // The late joiner's written half went by sendfile; no bytes beyond the two bodies did. (The
+    // fill's in-memory window holds at most 3 MiB, so most of the half was on disk only.)
+    let sent = Scrape::of(&cache.url())
+        .await
+        .get("regcache_sendfile_bytes_total", &[]);
+    assert!(
+        (5.0 * MIB as f64..=24.0 * MIB as f64).contains(&sent),
+        "bytes by sendfile: {sent}"
+    );
+    assert_eq!(up.count("GET", &layer), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_concurrency_is_capped_and_the_rest_wait_in_line() {
     let up = FakeRegistry::start(Faults {

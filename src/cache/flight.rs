@@ -256,8 +256,10 @@ impl Reader {
         }
     }
 
-    /// Lends the committed chunks this reader yields to a socket that sends them with
-    /// `sendfile` (see `crate::sendfile`). A fill's bytes are not lent.
+    /// Lends the written chunks this reader yields to a socket that sends them with
+    /// `sendfile` (see `crate::sendfile`): a committed blob's, and the part of a fill's temp
+    /// file the writer has written, which never changes after. A fill's bytes not yet written
+    /// still come from its in-memory window.
     pub fn lend_to(mut self, loans: Arc<Loans>) -> Reader {
         self.loans = Some(loans);
         self
@@ -294,20 +296,23 @@ impl Reader {
                 self.done = true;
                 return None;
             }
-            if self.pos < readable {
+            // A lent reader takes written bytes from the file, which costs no copy; the
+            // window holds what the writer has not reached yet.
+            let from_window = self.loans.is_none() || self.pos >= on_disk;
+            if self.pos < readable && from_window {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 if let Some(chunk) = self.window.as_ref().and_then(|w| w.get(self.pos, limit)) {
                     self.pos += chunk.len() as u64;
                     return Some(Ok(chunk));
                 }
             }
-            // Behind the window: from the file, as far as it is written.
+            // Behind the window, or lent: from the file, as far as it is written.
             let readable = readable.min(on_disk);
             if self.pos < readable {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 let (file, pos) = (Arc::clone(&self.file), self.pos);
-                let chunk = if let (None, Some(loans)) = (&self.progress, &self.loans) {
-                    // Committed and lent: the socket sends it from the page cache.
+                let chunk = if let Some(loans) = &self.loans {
+                    // Written, so never changing: the socket sends it from the page cache.
                     let len = (limit - self.pos).min(LENT_CHUNK) as usize;
                     let loans = Arc::clone(loans);
                     blocking(move || loans.map(&file, pos, len)).await

@@ -5,7 +5,10 @@
 //! The `unsafe` in regcache lives here. A mapping is sound while nobody truncates or rewrites
 //! the file under it, and regcache never does that to a committed blob: content is written to
 //! `tmp/`, verified, then renamed to its digest's path and never opened for writing again;
-//! eviction and purge unlink it, which leaves open mappings valid until they are dropped.
+//! eviction and purge unlink it, which leaves open mappings valid until they are dropped. A
+//! fill's temp file is only appended to, so the part its writer has written is as fixed as a
+//! committed blob: that part, and only that part, may be mapped while the fill runs (a failed
+//! fill's file is unlinked, not truncated).
 //! (A person truncating files in the data dir by hand would make a reader fault; that is the
 //! same class of damage as editing them, which `regcache verify` exists to find.)
 
@@ -14,7 +17,7 @@ use std::io;
 
 use bytes::Bytes;
 
-/// `len` bytes of a committed file at `pos`, mapped read-only.
+/// `len` bytes of a file at `pos` that never change (see above), mapped read-only.
 pub struct Mapping {
     map: memmap2::Mmap,
     /// Bytes between the page boundary the mapping starts on and `pos`.
@@ -22,7 +25,7 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `pos..pos + len` of the committed `file`. With `populate` the pages are faulted in
+    /// Maps `pos..pos + len` of `file`, a committed blob or a fill's written part. With `populate` the pages are faulted in
     /// now (call off the async threads: that may read from disk); without, nothing is read
     /// until someone touches the bytes.
     #[allow(unsafe_code)]
@@ -36,7 +39,7 @@ impl Mapping {
         if populate {
             options.populate();
         }
-        // SAFETY: see the module comment: the file is a committed blob, never written again.
+        // SAFETY: see the module comment: these bytes of the file are never written again.
         let map = unsafe { options.map(file)? };
         Ok(Mapping { map, skip })
     }
