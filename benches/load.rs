@@ -12,13 +12,16 @@
 //!
 //! Knobs (environment): `BENCH_SECS` seconds per wrk run (default 10), `BENCH_ROUNDS`
 //! interleaved rounds per wrk measurement (default 3), `BENCH_PULLS` cold-pull trials
-//! (default 5), `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing,
-//! cross-repo), `pull` (cold single pull), `rss` (peak RSS), `blob` (hot blobs), `manifest`
+//! (default 5), `BENCH_LINK_MBIT` the link rates for `link` (default `1000,2500`),
+//! `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing, cross-repo),
+//! `pull` (cold single pull), `link` (the same pull from an upstream behind a rate-limited
+//! link, in a network namespace: needs root), `rss` (peak RSS), `blob` (hot blobs), `manifest`
 //! (hot tag manifests) and `s3` (S3 vs local storage: cold fill, cold from the bucket, upload
 //! lag, hot blob, two replicas missing at once), `hot` meaning `rss`, `blob` and `manifest`;
 //! `BENCH_WRAP` a command prefix for the regcache processes, for profiling (e.g.
 //! `BENCH_WRAP="strace -f -c -o /tmp/rc.strace"`; the RSS figures then are the wrapper's).
-//! Everything listens on 127.0.0.1; nothing talks to a public registry.
+//! Everything listens on 127.0.0.1 or, for `link`, in a network namespace the bench creates;
+//! nothing talks to a public registry.
 //!
 //! Every server is a separate process: regcache is the release binary
 //! (`CARGO_BIN_EXE_regcache`), so `/proc/PID/status` gives its own peak RSS (`VmHWM`). Cold
@@ -76,6 +79,11 @@ fn main() {
         secs: env_num("BENCH_SECS", 10),
         rounds: env_num("BENCH_ROUNDS", 3) as usize,
         pulls: env_num("BENCH_PULLS", 5) as usize,
+        link_mbit: std::env::var("BENCH_LINK_MBIT")
+            .unwrap_or_else(|_| "1000,2500".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
         only: std::env::var("BENCH_ONLY")
             .unwrap_or_default()
             .split(',')
@@ -91,7 +99,9 @@ struct Knobs {
     secs: u64,
     rounds: usize,
     pulls: usize,
-    /// Sections to run (`cold`, `pull`, `rss`, `blob`, `manifest`, `s3`; `hot` is `rss`,
+    /// Link rates (Mbit/s) for the `link` section.
+    link_mbit: Vec<u64>,
+    /// Sections to run (`cold`, `pull`, `link`, `rss`, `blob`, `manifest`, `s3`; `hot` is `rss`,
     /// `blob` and `manifest`); empty for all.
     only: Vec<String>,
 }
@@ -286,104 +296,38 @@ async fn run(k: Knobs) {
             "cold single pull of a 98 MiB image (4 layers), {} trials",
             k.pulls
         ));
-        // Per contender (upstream direct, regcache, distribution): per trial, per request
-        // (manifest, config, layers) the time to first byte and the total, in seconds.
-        let mut times: [Vec<Vec<(f64, f64)>>; 3] = Default::default();
-        // CPU seconds used during each pull by (the proxy, the upstream, this client).
-        let mut cpu: [Vec<[f64; 3]>; 3] = Default::default();
         let upstream_pid = upstream.p.child.id();
-        for trial in 0..k.pulls {
-            for j in 0..3 {
-                let who = (trial + j) % 3;
-                let dir = root.join(format!("pull{trial}-{who}"));
-                let mut srv = match who {
-                    0 => None,
-                    1 => Some(start_regcache(&dir, &up).await),
-                    _ => Some(start_registry(&registry_bin, &dir, Some(&up)).await),
-                };
-                let base = srv.as_ref().map_or(up.clone(), |s| s.url.clone());
-                let pids = [
-                    srv.as_ref().map(|s| s.p.child.id()),
-                    Some(upstream_pid),
-                    Some(std::process::id()),
-                ];
-                let before = pids.map(cpu_secs);
-                let t = pull(&client, &base, "bench/pull", "latest").await.unwrap();
-                let after = pids.map(cpu_secs);
-                cpu[who].push([0, 1, 2].map(|i| after[i] - before[i]));
-                times[who].push(t);
-                if let Some(s) = &mut srv {
-                    s.stop();
-                }
-                // Drop the copy this trial made so the disk's write-back does not pile up.
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-        let totals: Vec<Vec<f64>> = times
-            .iter()
-            .map(|trials| trials.iter().map(|t| t.iter().map(|x| x.1).sum()).collect())
-            .collect();
-        let (m_up, m_rc, m_dp) = (median(&totals[0]), median(&totals[1]), median(&totals[2]));
-        let pull_ratio = m_rc / m_up;
-        report.row(Row {
-            what: format!(
-                "Cold single pull (manifest + config + 4 layers, 98 MiB), median of {}; wall time",
+        cold_pulls(&k, root, &registry_bin, &up, upstream_pid, "", &mut report).await;
+    }
+    // ---- 3b. the same over a rate-limited link to the upstream ------------------------------
+    if k.want("link") {
+        for &mbit in &k.link_mbit {
+            step(&format!(
+                "cold single pull of a 98 MiB image over a {mbit} Mbit/s link, {} trials",
                 k.pulls
-            ),
-            regcache: format!("{:.0} ms", m_rc * 1e3),
-            reference: format!(
-                "upstream direct: {:.0} ms; distribution: {:.0} ms",
-                m_up * 1e3,
-                m_dp * 1e3
-            ),
-            ratio: format!("{pull_ratio:.2}x upstream"),
-            target: "<= 1.1x upstream".into(),
-            met: Some(pull_ratio <= 1.1),
-        });
-        report.raw(format!(
-            "cold pull trials (ms): upstream {:?}; regcache {:?}; distribution {:?}",
-            ms(&totals[0]),
-            ms(&totals[1]),
-            ms(&totals[2])
-        ));
-        for (who, name) in ["upstream direct", "regcache", "distribution"]
-            .iter()
-            .enumerate()
-        {
-            let n_items = times[who].first().map_or(0, Vec::len);
-            let items: Vec<String> = (0..n_items)
-                .map(|i| {
-                    let ttfb: Vec<f64> = times[who].iter().map(|t| t[i].0).collect();
-                    let total: Vec<f64> = times[who].iter().map(|t| t[i].1).collect();
-                    let label = ["manifest", "config", "64MiB", "24MiB", "8MiB", "2MiB"]
-                        .get(i)
-                        .copied()
-                        .unwrap_or("?");
-                    if i == 0 {
-                        format!("{label} {:.1}", median(&total) * 1e3)
-                    } else {
-                        format!(
-                            "{label} {:.1}/{:.1}",
-                            median(&ttfb) * 1e3,
-                            median(&total) * 1e3
-                        )
-                    }
-                })
-                .collect();
-            report.raw(format!(
-                "cold pull per request, {name} (median ms, first byte/total): {}",
-                items.join(", ")
             ));
-            let c = |i: usize| median(&cpu[who].iter().map(|c| c[i]).collect::<Vec<_>>()) * 1e3;
-            report.raw(format!(
-                "cold pull CPU time, {name} (median ms): proxy {:.0}, upstream {:.0}, client {:.0}; sum {:.0} over a {:.0} ms pull on {} cores",
-                c(0),
-                c(1),
-                c(2),
-                c(0) + c(1) + c(2),
-                median(&totals[who]) * 1e3,
-                std::thread::available_parallelism().map_or(0, |n| n.get())
-            ));
+            let link = Link::create(mbit);
+            // A second upstream process on the same storage, inside the link's namespace.
+            let mut far = start_registry_at(
+                &registry_bin,
+                &root.join(format!("upstream-{mbit}")),
+                &root.join("upstream/data"),
+                Some(&link),
+            )
+            .await;
+            let far_pid = far.p.child.id();
+            let label = format!(" over a {mbit} Mbit/s link");
+            cold_pulls(
+                &k,
+                root,
+                &registry_bin,
+                &far.url,
+                far_pid,
+                &label,
+                &mut report,
+            )
+            .await;
+            far.stop();
         }
     }
 
@@ -1045,6 +989,175 @@ impl Report {
     }
 }
 
+/// Cold single pulls of `bench/pull` from `up` straight, through regcache and through
+/// distribution, in rotating order, each proxy started empty per trial; adds the wall-time row
+/// (`label` names the conditions) and per-request and CPU lines to `report`.
+async fn cold_pulls(
+    k: &Knobs,
+    root: &Path,
+    registry_bin: &Path,
+    up: &str,
+    upstream_pid: u32,
+    label: &str,
+    report: &mut Report,
+) {
+    let client = http();
+    // Per contender (upstream direct, regcache, distribution): per trial, per request
+    // (manifest, config, layers) the time to first byte and the total, in seconds.
+    let mut times: [Vec<Vec<(f64, f64)>>; 3] = Default::default();
+    // CPU seconds used during each pull by (the proxy, the upstream, this client).
+    let mut cpu: [Vec<[f64; 3]>; 3] = Default::default();
+    for trial in 0..k.pulls {
+        for j in 0..3 {
+            let who = (trial + j) % 3;
+            let dir = root.join(format!("pull{trial}-{who}"));
+            let mut srv = match who {
+                0 => None,
+                1 => Some(start_regcache(&dir, up).await),
+                _ => Some(start_registry(registry_bin, &dir, Some(up)).await),
+            };
+            let base = srv.as_ref().map_or(up.to_owned(), |s| s.url.clone());
+            let pids = [
+                srv.as_ref().map(|s| s.p.child.id()),
+                Some(upstream_pid),
+                Some(std::process::id()),
+            ];
+            let before = pids.map(cpu_secs);
+            let t = pull(&client, &base, "bench/pull", "latest").await.unwrap();
+            let after = pids.map(cpu_secs);
+            cpu[who].push([0, 1, 2].map(|i| after[i] - before[i]));
+            times[who].push(t);
+            if let Some(s) = &mut srv {
+                s.stop();
+            }
+            // Drop the copy this trial made so the disk's write-back does not pile up.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    let totals: Vec<Vec<f64>> = times
+        .iter()
+        .map(|trials| trials.iter().map(|t| t.iter().map(|x| x.1).sum()).collect())
+        .collect();
+    let (m_up, m_rc, m_dp) = (median(&totals[0]), median(&totals[1]), median(&totals[2]));
+    let pull_ratio = m_rc / m_up;
+    report.row(Row {
+        what: format!(
+            "Cold single pull (manifest + config + 4 layers, 98 MiB){label}, median of {}; wall time",
+            k.pulls
+        ),
+        regcache: format!("{:.0} ms", m_rc * 1e3),
+        reference: format!(
+            "upstream direct: {:.0} ms; distribution: {:.0} ms",
+            m_up * 1e3,
+            m_dp * 1e3
+        ),
+        ratio: format!("{pull_ratio:.2}x upstream"),
+        target: "<= 1.1x upstream".into(),
+        met: Some(pull_ratio <= 1.1),
+    });
+    report.raw(format!(
+        "cold pull{label} trials (ms): upstream {:?}; regcache {:?}; distribution {:?}",
+        ms(&totals[0]),
+        ms(&totals[1]),
+        ms(&totals[2])
+    ));
+    for (who, name) in ["upstream direct", "regcache", "distribution"]
+        .iter()
+        .enumerate()
+    {
+        let n_items = times[who].first().map_or(0, Vec::len);
+        let items: Vec<String> = (0..n_items)
+            .map(|i| {
+                let ttfb: Vec<f64> = times[who].iter().map(|t| t[i].0).collect();
+                let total: Vec<f64> = times[who].iter().map(|t| t[i].1).collect();
+                let item = ["manifest", "config", "64MiB", "24MiB", "8MiB", "2MiB"]
+                    .get(i)
+                    .copied()
+                    .unwrap_or("?");
+                if i == 0 {
+                    format!("{item} {:.1}", median(&total) * 1e3)
+                } else {
+                    format!(
+                        "{item} {:.1}/{:.1}",
+                        median(&ttfb) * 1e3,
+                        median(&total) * 1e3
+                    )
+                }
+            })
+            .collect();
+        report.raw(format!(
+            "cold pull{label} per request, {name} (median ms, first byte/total): {}",
+            items.join(", ")
+        ));
+        let c = |i: usize| median(&cpu[who].iter().map(|c| c[i]).collect::<Vec<_>>()) * 1e3;
+        report.raw(format!(
+            "cold pull{label} CPU time, {name} (median ms): proxy {:.0}, upstream {:.0}, client {:.0}; sum {:.0} over a {:.0} ms pull on {} cores",
+            c(0),
+            c(1),
+            c(2),
+            c(0) + c(1) + c(2),
+            median(&totals[who]) * 1e3,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ));
+    }
+}
+
+/// A rate-limited link: a network namespace joined to this one by a veth pair, each end
+/// shaped to `mbit` with a token bucket (`tc tbf`; this kernel has no netem, so no added
+/// delay). Removed when dropped. Needs root, `ip` and `tc` (iproute2).
+struct Link {
+    netns: String,
+    /// The namespace side's address.
+    far: String,
+}
+
+impl Link {
+    fn create(mbit: u64) -> Link {
+        let id = std::process::id() % 10_000;
+        let netns = format!("rcbench{id}");
+        let (near_if, far_if) = (format!("rcb{id}a"), format!("rcb{id}b"));
+        let net = format!("10.213.{}", id % 250);
+        let far = format!("{net}.2");
+        // Enough for TSO-sized packets at this rate; `latency` bounds the queue.
+        let tbf = format!("tbf rate {mbit}mbit burst 1mb latency 50ms");
+        let steps = [
+            format!("ip netns add {netns}"),
+            format!("ip link add {near_if} type veth peer name {far_if} netns {netns}"),
+            format!("ip addr add {net}.1/30 dev {near_if}"),
+            format!("ip link set {near_if} up"),
+            format!("ip -n {netns} addr add {far}/30 dev {far_if}"),
+            format!("ip -n {netns} link set {far_if} up"),
+            format!("ip -n {netns} link set lo up"),
+            format!("tc qdisc add dev {near_if} root {tbf}"),
+            format!("tc -n {netns} qdisc add dev {far_if} root {tbf}"),
+        ];
+        let link = Link { netns, far };
+        for cmd in steps {
+            let argv: Vec<&str> = cmd.split_whitespace().collect();
+            let out = Command::new(argv[0]).args(&argv[1..]).output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => panic!(
+                    "`{cmd}` failed: {}\nThe `link` section needs root and iproute2 (apt-get \
+                     install iproute2); leave it out with BENCH_ONLY.",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => panic!("`{cmd}`: {e} (apt-get install iproute2)"),
+            }
+        }
+        link
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it the other end.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
 fn step(what: &str) {
     eprintln!("load: {what}");
 }
@@ -1364,12 +1477,29 @@ async fn wait_up(p: &mut Proc, url: &str) {
 
 /// Debian's `docker-registry`: a plain registry, or a pull-through proxy of `proxy`.
 async fn start_registry(bin: &Path, dir: &Path, proxy: Option<&str>) -> Srv {
+    start_registry_with(bin, dir, &dir.join("data"), proxy, None).await
+}
+
+/// A plain `docker-registry` serving the storage at `data` (another one's, read only), inside
+/// `link`'s namespace when given.
+async fn start_registry_at(bin: &Path, dir: &Path, data: &Path, link: Option<&Link>) -> Srv {
+    start_registry_with(bin, dir, data, None, link).await
+}
+
+async fn start_registry_with(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    proxy: Option<&str>,
+    link: Option<&Link>,
+) -> Srv {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
+    let host = link.map_or("127.0.0.1", |l| &l.far);
     let proxy_yaml = proxy.map_or(String::new(), |u| format!("proxy:\n  remoteurl: {u}\n"));
     let config = format!(
-        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy_yaml}",
-        dir.join("data").display()
+        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: {host}:{port}\n{proxy_yaml}",
+        data.display()
     );
     let cfg = dir.join("config.yml");
     std::fs::write(&cfg, config).unwrap();
@@ -1378,12 +1508,16 @@ async fn start_registry(bin: &Path, dir: &Path, proxy: Option<&str>) -> Srv {
     } else {
         "docker-registry"
     };
-    let mut p = Proc::spawn(
-        name,
-        Command::new(bin).arg("serve").arg(&cfg),
-        dir.join("registry.log"),
-    );
-    let url = format!("http://127.0.0.1:{port}");
+    let mut cmd = match link {
+        Some(l) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &l.netns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let mut p = Proc::spawn(name, cmd.arg("serve").arg(&cfg), dir.join("registry.log"));
+    let url = format!("http://{host}:{port}");
     wait_up(&mut p, &format!("{url}/v2/")).await;
     Srv { p, url }
 }
