@@ -32,6 +32,21 @@ async fn get_all(url: &str) -> Result<Bytes, String> {
     resp.bytes().await.map_err(|e| e.to_string())
 }
 
+/// `n` concurrent GETs of `url`, their outcomes in order.
+async fn get_concurrently(url: &str, n: usize) -> Vec<Result<Bytes, String>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move { get_all(&url).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_gets_share_one_upstream_fetch_that_streams() {
     let faults = Faults {
@@ -158,17 +173,8 @@ async fn a_reset_fails_every_joined_reader_commits_nothing_and_the_retry_succeed
     let layer = img.layers[0].digest();
     let url = blob_url(&cache, &layer);
 
-    let readers: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get_all(&url).await })
-        })
-        .collect();
-    for r in readers {
-        assert!(
-            r.await.unwrap().is_err(),
-            "a reader got a complete-looking body"
-        );
+    for r in get_concurrently(&url, 4).await {
+        assert!(r.is_err(), "a reader got a complete-looking body");
     }
     assert_eq!(cache.stored_files(), 0, "nothing committed");
     let failed_fetches = up.count("GET", &layer);
@@ -205,6 +211,42 @@ async fn a_slow_reader_does_not_slow_a_fast_one() {
     }
     assert_eq!(image::sha256(&slow_got), layer);
     assert_eq!(up.count("GET", &layer), 1);
+}
+
+/// An upstream that sends a blob chunked (no Content-Length): clients get it streamed and
+/// byte-exact and it is kept; sent corrupted, every client's body fails and nothing is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_without_content_length_is_streamed_verified_and_kept() {
+    let faults = Faults {
+        chunked: true,
+        corrupt: true,
+        drip: Some((6, Duration::from_millis(30))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 7, 3 << 20).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    for r in get_concurrently(&url, 3).await {
+        assert!(r.is_err(), "a corrupted body looked complete");
+    }
+    assert_eq!(cache.stored_files(), 0, "nothing kept");
+
+    up.set(|f| f.corrupt = false);
+    for r in get_concurrently(&url, 3).await {
+        assert_eq!(image::sha256(&r.unwrap()), layer);
+    }
+    Scrape::until(&cache.url(), |m| {
+        m.get("regcache_cache_objects", &[]) >= 1.0
+    })
+    .await;
+    assert_eq!(cache.stored_files(), 1);
+    let fetches = up.count("GET", &layer);
+    assert!((2..=4).contains(&fetches), "one fetch per fill: {fetches}");
+    // Now a hit: upstream is not asked again.
+    assert_eq!(image::sha256(&get_all(&url).await.unwrap()), layer);
+    assert_eq!(up.count("GET", &layer), fetches);
 }
 
 /// A client that joins a fill after the writer has put the first half on disk gets that half

@@ -549,10 +549,13 @@ where
         Arc::clone(tx),
     );
     let mut received: u64 = 0;
+    // Received bytes not yet handed to the writer: it gets whole batches (fewer hand-offs
+    // when upstream trickles in small frames), readers get every frame at once.
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len = 0usize;
     let mut ended = false;
     while !ended {
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut batch_len = 0usize;
+        let mut frames: Vec<Bytes> = Vec::new();
         match tokio::time::timeout(read_timeout, body.frame()).await {
             Err(_) => {
                 return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
@@ -565,22 +568,12 @@ where
                     e.to_string(),
                 )));
             }
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    batch_len += data.len();
-                    batch.push(data);
-                }
-            }
+            Ok(Some(Ok(frame))) => frames.extend(frame.into_data().ok()),
         }
-        // Take whatever else is already buffered, so one write + hash step covers it.
-        while !ended && batch_len < WRITE_BATCH {
+        // Take whatever else is already buffered, so one wake-up of the readers covers it.
+        while !ended && batch_len + frames.iter().map(Bytes::len).sum::<usize>() < WRITE_BATCH {
             match body.frame().now_or_never() {
-                Some(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        batch_len += data.len();
-                        batch.push(data);
-                    }
-                }
+                Some(Some(Ok(frame))) => frames.extend(frame.into_data().ok()),
                 Some(Some(Err(e))) => {
                     return Err(upstream_err(crate::upstream::UpstreamError::Io(
                         e.to_string(),
@@ -590,38 +583,41 @@ where
                 None => break,
             }
         }
-        if batch_len == 0 {
-            continue;
-        }
-        received += batch_len as u64;
-        if size.is_some_and(|s| received > s) {
-            return Err(upstream_err(crate::upstream::UpstreamError::Io(
-                "body longer than its Content-Length".into(),
-            )));
-        }
-        if !bucket_bytes {
-            spec.upstream.count_fetched(batch_len as u64);
-        }
-        // Readers take the new bytes from memory at once, while the writer hashes and writes
-        // them on the other core. The final byte (or, size unknown, this batch) waits for the
-        // digest check.
-        let mut offset = received - batch_len as u64;
-        for chunk in &batch {
-            window.push(offset, chunk.clone());
-            offset += chunk.len() as u64;
-        }
-        let readable = match size {
-            Some(s) => received.min(s.saturating_sub(1)),
-            None => received - batch_len as u64,
-        };
-        publish(tx, |p| {
-            if let Progress::Streaming { readable: r, .. } = p {
-                *r = readable;
+        let got: usize = frames.iter().map(Bytes::len).sum();
+        if got > 0 {
+            received += got as u64;
+            if size.is_some_and(|s| received > s) {
+                return Err(upstream_err(crate::upstream::UpstreamError::Io(
+                    "body longer than its Content-Length".into(),
+                )));
             }
-        });
-        if batches.send(batch).await.is_err() {
-            // The writer stopped: its error is the one to report.
-            break;
+            if !bucket_bytes {
+                spec.upstream.count_fetched(got as u64);
+            }
+            // Readers take the new bytes from memory at once, while the writer hashes and
+            // writes them on the other core. The final byte waits for the digest check (size
+            // unknown, no byte need wait: such a body ends for a client only once the fill is
+            // done).
+            let mut offset = received - got as u64;
+            for chunk in frames {
+                offset += chunk.len() as u64;
+                window.push(offset - chunk.len() as u64, chunk.clone());
+                batch_len += chunk.len();
+                batch.push(chunk);
+            }
+            let readable = size.map_or(received, |s| received.min(s.saturating_sub(1)));
+            publish(tx, |p| {
+                if let Progress::Streaming { readable: r, .. } = p {
+                    *r = readable;
+                }
+            });
+        }
+        if (batch_len >= WRITE_BATCH || ended) && batch_len > 0 {
+            batch_len = 0;
+            if batches.send(std::mem::take(&mut batch)).await.is_err() {
+                // The writer stopped: its error is the one to report.
+                break;
+            }
         }
     }
     drop(batches);

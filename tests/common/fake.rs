@@ -121,6 +121,8 @@ pub struct Faults {
     pub status: Option<u16>,
     /// Send blob bodies in this many pieces with this pause before each.
     pub drip: Option<(usize, std::time::Duration)>,
+    /// Send blob bodies chunked, without a Content-Length.
+    pub chunked: bool,
     /// Docker Hub's rate-limit headers on every answer: (limit, remaining).
     pub ratelimit: Option<(u32, u32)>,
     /// Registry quirks: manifests as `application/json` without `Docker-Content-Digest`, and
@@ -378,7 +380,13 @@ async fn serve(
                 return respond(200, &headers, bytes);
             }
             let (pieces, pause) = faults.drip.unwrap_or((1, std::time::Duration::ZERO));
-            drip(bytes, &headers, pieces, pause, busy)
+            let r = drip(bytes, &headers, pieces, pause, busy);
+            if faults.chunked {
+                let (mut parts, body) = r.into_parts();
+                parts.headers.remove("content-length");
+                return http::Response::from_parts(parts, body);
+            }
+            r
         }
         _ => {
             let tags = content.lock().unwrap().tags.get(repo).cloned();
