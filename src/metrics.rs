@@ -131,7 +131,7 @@ impl Metrics {
             ),
             sendfile_bytes: single(
                 "regcache_sendfile_bytes_total",
-                "Blob bytes sent from disk to clients with sendfile(2), without a copy through regcache's memory (plain-HTTP/1 connections; part of regcache_served_bytes_total{source=\"cache\"}).",
+                "Blob bytes sent from disk to clients with sendfile(2), without a copy through regcache's memory (plain-HTTP/1 connections, storage.sendfile; part of regcache_served_bytes_total).",
             ),
             fetched_bytes: counter(
                 "regcache_upstream_fetched_bytes_total",

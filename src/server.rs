@@ -202,8 +202,8 @@ impl Server {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 match acceptor {
-                    // Plain TCP: committed blobs can go out by sendfile.
-                    None if sendfile => {
+                    // Plain TCP: blob bytes on disk can go out by sendfile.
+                    None if sendfile.for_peer(peer.ip()) => {
                         let loans = Loans::new(conn.proxy.metrics().sendfile_bytes.clone());
                         let socket = Socket::new(stream, Arc::clone(&loans));
                         conn.serve(socket, Some(loans)).await

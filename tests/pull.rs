@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use regcache::config::Sendfile;
+
 use common::image::{self, DOCKER_LIST, DOCKER_V2, OCI_INDEX, OCI_MANIFEST};
 use common::{
     ACCEPT_ALL, Image, Layer, Meter, Regcache, Registry, Scrape, get_blob, get_manifest, http, pull,
@@ -434,18 +436,34 @@ async fn concurrent_cold_pulls_fetch_each_blob_once() {
 /// keep-alive connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_blobs_go_out_by_sendfile_byte_exact() {
-    hot_blobs(true).await;
+    hot_blobs(Sendfile::Always).await;
 }
 
-/// `storage.sendfile = false`: the same bytes, copied from the mapping.
+/// `storage.sendfile = "never"`: the same bytes, copied from the mapping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_blobs_without_sendfile_are_the_same_bytes() {
-    hot_blobs(false).await;
+    hot_blobs(Sendfile::Never).await;
 }
 
-async fn hot_blobs(sendfile: bool) {
-    let s = setup(|c| c.storage.sendfile = sendfile).await;
-    let by_sendfile = |n: usize| if sendfile { n as f64 } else { 0.0 };
+/// The default, `"remote"`: this test's client is on loopback, so it gets the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_blobs_to_a_loopback_client_are_copied_by_default() {
+    assert_eq!(
+        regcache::Config::embedded().storage.sendfile,
+        Sendfile::Remote
+    );
+    hot_blobs(Sendfile::Remote).await;
+}
+
+async fn hot_blobs(mode: Sendfile) {
+    let s = setup(|c| c.storage.sendfile = mode).await;
+    let by_sendfile = |n: usize| {
+        if mode == Sendfile::Always {
+            n as f64
+        } else {
+            0.0
+        }
+    };
     // Over two lent chunks (4 MiB each), ending off a page boundary.
     let big = Layer::new(77, 9 * 1024 * 1024);
     let img = Image::new(DOCKER_V2, "amd64", vec![big.clone()]);

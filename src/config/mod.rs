@@ -40,8 +40,6 @@ pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(15);
 pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Client connections served at once; more wait in the listen backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Committed blobs go to plain-HTTP/1 clients by sendfile(2).
-pub const DEFAULT_SENDFILE: bool = true;
 /// Deadline for a client's TLS handshake and each request's headers (slowloris).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection with no request in progress for this long is closed.
@@ -237,32 +235,45 @@ impl TlsConfig {
 /// The blob tiers. `local`: the data dir only. `s3`: the data dir stays the hot tier (bounded
 /// by `cache.max_size`), and verified blobs are also written to an S3-compatible bucket that
 /// every replica reads before asking upstream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     #[serde(default)]
     pub kind: StorageKind,
-    /// Committed blobs go to plain-HTTP/1 clients with `sendfile(2)`, from the page cache to
-    /// the socket without a copy through regcache (nginx's `sendfile on`). Off: they are
-    /// copied from a memory mapping, as over TLS and HTTP/2.
-    #[serde(default = "d_sendfile")]
-    pub sendfile: bool,
+    /// Which plain-HTTP/1 clients get blob bytes on disk by `sendfile(2)`.
+    #[serde(default)]
+    pub sendfile: Sendfile,
     #[serde(default)]
     pub s3: S3Config,
 }
 
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            kind: StorageKind::default(),
-            sendfile: DEFAULT_SENDFILE,
-            s3: S3Config::default(),
-        }
-    }
+/// Which plain-HTTP/1 clients get blob bytes on disk by `sendfile(2)`: from the page cache to
+/// the socket with no copy through regcache (nginx's `sendfile on`). The others, and every TLS
+/// and HTTP/2 client, get them copied from a memory mapping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sendfile {
+    /// Clients on other hosts. A client on this host reads what sendfile queued straight from
+    /// page-cache pages no CPU cache holds, which costs it more than regcache saves: on
+    /// loopback, regcache plus client spent 1.16-1.27x the CPU per GiB of the copy
+    /// (BENCHMARKS.md), while a remote client's CPU is not this host's.
+    #[default]
+    Remote,
+    /// Every plain-HTTP/1 client, loopback too.
+    Always,
+    /// None: always the copy (for a file system whose sendfile misbehaves).
+    Never,
 }
 
-fn d_sendfile() -> bool {
-    DEFAULT_SENDFILE
+impl Sendfile {
+    /// Whether a client at `peer` gets sendfile.
+    pub fn for_peer(self, peer: std::net::IpAddr) -> bool {
+        match self {
+            Sendfile::Always => true,
+            Sendfile::Never => false,
+            Sendfile::Remote => !peer.to_canonical().is_loopback(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -1162,6 +1173,26 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sendfile_by_default_only_for_remote_peers() {
+        use super::Sendfile;
+        let peers = [
+            "127.0.0.1",
+            "127.8.9.10",
+            "::1",
+            "::ffff:127.0.0.1",
+            "10.1.2.3",
+            "fd00::7",
+        ];
+        let remote = [false, false, false, false, true, true];
+        for (peer, remote) in peers.iter().zip(remote) {
+            let ip = peer.parse().unwrap();
+            assert_eq!(Sendfile::Remote.for_peer(ip), remote, "{peer}");
+            assert!(Sendfile::Always.for_peer(ip), "{peer}");
+            assert!(!Sendfile::Never.for_peer(ip), "{peer}");
+        }
+    }
+
     use super::*;
 
     #[test]

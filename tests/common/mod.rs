@@ -323,9 +323,14 @@ pub struct Regcache {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// A config for tests: Docker Hub's upstream replaced by `docker_io`, short timeouts.
+/// A config for tests: Docker Hub's upstream replaced by `docker_io`, short timeouts, and
+/// sendfile for loopback clients too (the tests' clients are on loopback; production's remote
+/// clients get sendfile, so that is the path the real clients here should take).
 pub fn config(docker_io: &str, data_dir: &Path) -> regcache::Config {
-    regcache::Config::parse(&config_text(docker_io, data_dir), Path::new("<test>")).unwrap()
+    let mut cfg =
+        regcache::Config::parse(&config_text(docker_io, data_dir), Path::new("<test>")).unwrap();
+    cfg.storage.sendfile = regcache::config::Sendfile::Always;
+    cfg
 }
 
 /// The TOML of [`config`], for tests that add tables to it.
