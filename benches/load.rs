@@ -1114,16 +1114,21 @@ async fn cold_pulls(
 /// delay). Removed when dropped. Needs root, `ip` and `tc` (iproute2).
 struct Link {
     netns: String,
+    /// The host side of the veth pair.
+    near_if: String,
     /// The namespace side's address.
     far: String,
 }
 
 impl Link {
     fn create(mbit: u64) -> Link {
+        // Unique per link: a namespace's teardown finishes in the background.
+        static LINKS: AtomicU64 = AtomicU64::new(0);
         let id = std::process::id() % 10_000;
-        let netns = format!("rcbench{id}");
-        let (near_if, far_if) = (format!("rcb{id}a"), format!("rcb{id}b"));
-        let net = format!("10.213.{}", id % 250);
+        let n = LINKS.fetch_add(1, Ordering::Relaxed);
+        let netns = format!("rcbench{id}-{n}");
+        let (near_if, far_if) = (format!("rcb{id}-{n}a"), format!("rcb{id}-{n}b"));
+        let net = format!("10.213.{}", (id as u64 + n * 37) % 250);
         let far = format!("{net}.2");
         // Enough for TSO-sized packets at this rate; `latency` bounds the queue.
         let tbf = format!("tbf rate {mbit}mbit burst 1mb latency 50ms");
@@ -1138,7 +1143,11 @@ impl Link {
             format!("tc qdisc add dev {near_if} root {tbf}"),
             format!("tc -n {netns} qdisc add dev {far_if} root {tbf}"),
         ];
-        let link = Link { netns, far };
+        let link = Link {
+            netns,
+            near_if: near_if.clone(),
+            far,
+        };
         for cmd in steps {
             let argv: Vec<&str> = cmd.split_whitespace().collect();
             let out = Command::new(argv[0]).args(&argv[1..]).output();
@@ -1158,7 +1167,11 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // Deleting the namespace deletes its end of the pair, and with it the other end.
+        // Deleting one end of the pair deletes both, at once.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.near_if])
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
