@@ -403,10 +403,14 @@ async fn dispatch<B>(
                         BlobBody::File(_) => "cache",
                         _ => "upstream",
                     };
-                    // Bytes on disk go out by sendfile where the connection can.
+                    // Bytes on disk go out by sendfile where the connection can: a fill's
+                    // (just written) always, a committed blob's as `storage.sendfile` says.
+                    let fill = matches!(answer.body, BlobBody::Fill(_));
                     let reader = match req.extensions().get::<Arc<Loans>>() {
-                        Some(loans) => reader.lend_to(Arc::clone(loans)),
-                        None => reader,
+                        Some(loans) if fill || loans.lends_committed() => {
+                            reader.lend_to(Arc::clone(loans))
+                        }
+                        _ => reader,
                     };
                     let counter = proxy.metrics().served_bytes.with_label_values(&[source]);
                     stream(reader, counter)

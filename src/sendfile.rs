@@ -32,6 +32,9 @@ pub struct Loans {
     ranges: Mutex<Vec<Loan>>,
     /// Bytes sent with `sendfile` (`regcache_sendfile_bytes_total`).
     sent: prometheus::IntCounter,
+    /// Committed blobs are lent too, not only a fill's freshly written bytes
+    /// (`config::Sendfile::for_peer`).
+    committed: bool,
 }
 
 /// One lent range: memory at `addr..addr + len` holds `file`'s bytes from `offset`. Live
@@ -44,11 +47,17 @@ struct Loan {
 }
 
 impl Loans {
-    pub fn new(sent: prometheus::IntCounter) -> Arc<Loans> {
+    pub fn new(sent: prometheus::IntCounter, committed: bool) -> Arc<Loans> {
         Arc::new(Loans {
             ranges: Mutex::new(Vec::new()),
             sent,
+            committed,
         })
+    }
+
+    /// Whether committed blobs are lent to this connection, not only a fill's written bytes.
+    pub fn lends_committed(&self) -> bool {
+        self.committed
     }
 
     /// `len` bytes of `file` at `pos` (written, never to change), mapped without being read and lent to
@@ -242,7 +251,7 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&vec![7u8; 3 * 4096]).unwrap();
         let file = Arc::new(f);
-        let loans = Loans::new(counter());
+        let loans = Loans::new(counter(), true);
         let lent = loans.map(&file, 100, 8000).unwrap();
         let other = vec![7u8; 8000];
         let found = |bufs: &[IoSlice<'_>]| loans.find(bufs).map(|(i, _, off)| (i, off));
@@ -273,7 +282,7 @@ mod tests {
             got
         });
         let (stream, _) = listener.accept().await.unwrap();
-        let loans = Loans::new(counter());
+        let loans = Loans::new(counter(), true);
         let mut socket = Socket::new(stream, Arc::clone(&loans));
         let lent = loans.map(&file, 1000, 900_000).unwrap();
         let mut head = b"head:".to_vec();

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::body::Body;
-use crate::config::{Config, LimitsConfig};
+use crate::config::{Config, LimitsConfig, Sendfile};
 use crate::handler;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, StartError};
@@ -203,8 +203,11 @@ impl Server {
             tokio::spawn(async move {
                 match acceptor {
                     // Plain TCP: blob bytes on disk can go out by sendfile.
-                    None if sendfile.for_peer(peer.ip()) => {
-                        let loans = Loans::new(conn.proxy.metrics().sendfile_bytes.clone());
+                    None if sendfile != Sendfile::Never => {
+                        let loans = Loans::new(
+                            conn.proxy.metrics().sendfile_bytes.clone(),
+                            sendfile.for_peer(peer.ip()),
+                        );
                         let socket = Socket::new(stream, Arc::clone(&loans));
                         conn.serve(socket, Some(loans)).await
                     }

@@ -247,15 +247,17 @@ pub struct StorageConfig {
     pub s3: S3Config,
 }
 
-/// Which plain-HTTP/1 clients get blob bytes on disk by `sendfile(2)`: from the page cache to
-/// the socket with no copy through regcache (nginx's `sendfile on`). The others, and every TLS
-/// and HTTP/2 client, get them copied from a memory mapping.
+/// Which plain-HTTP/1 clients get committed blobs by `sendfile(2)`: from the page cache to the
+/// socket with no copy through regcache (nginx's `sendfile on`). The others, and every TLS and
+/// HTTP/2 client, get them copied from a memory mapping. A fill's bytes already on disk go by
+/// sendfile to every plain-HTTP/1 client unless `never`: they were just written, so even a
+/// client on this host reads them from warm caches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Sendfile {
-    /// Clients on other hosts. A client on this host reads what sendfile queued straight from
-    /// page-cache pages no CPU cache holds, which costs it more than regcache saves: on
-    /// loopback, regcache plus client spent 1.16-1.27x the CPU per GiB of the copy
+    /// Clients on other hosts. A client on this host would read what sendfile queued straight
+    /// from page-cache pages no CPU cache holds, which costs it more than regcache saves: on
+    /// loopback, regcache plus client spent 1.15-1.34x the CPU per GiB of the copy
     /// (BENCHMARKS.md), while a remote client's CPU is not this host's.
     #[default]
     Remote,
@@ -266,7 +268,7 @@ pub enum Sendfile {
 }
 
 impl Sendfile {
-    /// Whether a client at `peer` gets sendfile.
+    /// Whether a client at `peer` gets committed blobs by sendfile.
     pub fn for_peer(self, peer: std::net::IpAddr) -> bool {
         match self {
             Sendfile::Always => true,
