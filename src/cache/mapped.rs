@@ -2,13 +2,13 @@
 //! socket with one copy instead of two (no `pread` into a buffer first), or with none when the
 //! connection can `sendfile` them (`crate::sendfile`).
 //!
-//! The `unsafe` in regcache lives here. A mapping is sound while nobody truncates or rewrites
-//! the file under it, and regcache never does that to a committed blob: content is written to
-//! `tmp/`, verified, then renamed to its digest's path and never opened for writing again;
-//! eviction and purge unlink it, which leaves open mappings valid until they are dropped. A
-//! fill's temp file is only appended to, so the part its writer has written is as fixed as a
-//! committed blob: that part, and only that part, may be mapped while the fill runs (a failed
-//! fill's file is unlinked, not truncated).
+//! The library's `unsafe` lives here (the binary's one, a `mallopt` call, is in `main.rs`). A
+//! mapping is sound while nobody truncates or rewrites the file under it, and regcache never
+//! does that to a committed blob: content is written to `tmp/`, verified, then renamed to its
+//! digest's path and never opened for writing again; eviction and purge unlink it, which leaves
+//! open mappings valid until they are dropped. A fill's temp file is only appended to, so the
+//! part its writer has written is as fixed as a committed blob: that part, and only that part,
+//! may be mapped while the fill runs (a failed fill's file is unlinked, not truncated).
 //! (A person truncating files in the data dir by hand would make a reader fault; that is the
 //! same class of damage as editing them, which `regcache verify` exists to find.)
 
