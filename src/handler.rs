@@ -403,14 +403,10 @@ async fn dispatch<B>(
                         BlobBody::File(_) => "cache",
                         _ => "upstream",
                     };
-                    // Bytes on disk go out by sendfile where the connection can: a fill's
-                    // (just written) always, a committed blob's as `storage.sendfile` says.
-                    let fill = matches!(answer.body, BlobBody::Fill(_));
+                    // Bytes on disk go out by sendfile where the connection can.
                     let reader = match req.extensions().get::<Arc<Loans>>() {
-                        Some(loans) if fill || loans.lends_committed() => {
-                            reader.lend_to(Arc::clone(loans))
-                        }
-                        _ => reader,
+                        Some(loans) => reader.lend_to(Arc::clone(loans)),
+                        None => reader,
                     };
                     let counter = proxy.metrics().served_bytes.with_label_values(&[source]);
                     stream(reader, counter)

@@ -122,6 +122,12 @@ async fn hostile_requests_get_oci_errors_and_write_nothing() {
 
     // Bogus ranges on a cached blob: ignored (whole blob) or 416, never anything else.
     let blob = common::get_blob(&cache.url(), "alpine", &layer).await;
+    // The fill commits (renames tmp/ to blobs/) just after the client's last byte: count once
+    // it has, or a walk of the data dir may see the file in both places.
+    common::Scrape::until(&cache.url(), |m| {
+        m.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
     let files_cached = count_files(cache.data.path());
     let size = blob.len();
     for (range, status, code) in [

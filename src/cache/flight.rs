@@ -260,8 +260,12 @@ impl Reader {
     /// `sendfile` (see `crate::sendfile`): a committed blob's, and the part of a fill's temp
     /// file the writer has written, which never changes after. A fill's bytes not yet written
     /// still come from its in-memory window.
+    /// A committed blob's chunks are lent only where the connection takes them
+    /// ([`Loans::lends_committed`]); a fill's just-written ones always.
     pub fn lend_to(mut self, loans: Arc<Loans>) -> Reader {
-        self.loans = Some(loans);
+        if self.progress.is_some() || loans.lends_committed() {
+            self.loans = Some(loans);
+        }
         self
     }
 
@@ -555,7 +559,14 @@ where
     let mut batch_len = 0usize;
     let mut ended = false;
     while !ended {
-        let mut frames: Vec<Bytes> = Vec::new();
+        // This wake-up's data frames, and their bytes.
+        let (mut frames, mut got) = (Vec::new(), 0usize);
+        let mut take = |frame: hyper::body::Frame<Bytes>, got: &mut usize| {
+            if let Ok(data) = frame.into_data() {
+                *got += data.len();
+                frames.push(data);
+            }
+        };
         match tokio::time::timeout(read_timeout, body.frame()).await {
             Err(_) => {
                 return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
@@ -568,12 +579,12 @@ where
                     e.to_string(),
                 )));
             }
-            Ok(Some(Ok(frame))) => frames.extend(frame.into_data().ok()),
+            Ok(Some(Ok(frame))) => take(frame, &mut got),
         }
         // Take whatever else is already buffered, so one wake-up of the readers covers it.
-        while !ended && batch_len + frames.iter().map(Bytes::len).sum::<usize>() < WRITE_BATCH {
+        while !ended && batch_len + got < WRITE_BATCH {
             match body.frame().now_or_never() {
-                Some(Some(Ok(frame))) => frames.extend(frame.into_data().ok()),
+                Some(Some(Ok(frame))) => take(frame, &mut got),
                 Some(Some(Err(e))) => {
                     return Err(upstream_err(crate::upstream::UpstreamError::Io(
                         e.to_string(),
@@ -583,7 +594,6 @@ where
                 None => break,
             }
         }
-        let got: usize = frames.iter().map(Bytes::len).sum();
         if got > 0 {
             received += got as u64;
             if size.is_some_and(|s| received > s) {
@@ -600,8 +610,8 @@ where
             // done).
             let mut offset = received - got as u64;
             for chunk in frames {
+                window.push(offset, chunk.clone());
                 offset += chunk.len() as u64;
-                window.push(offset - chunk.len() as u64, chunk.clone());
                 batch_len += chunk.len();
                 batch.push(chunk);
             }

@@ -25,9 +25,9 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `pos..pos + len` of `file`, a committed blob or a fill's written part. With `populate` the pages are faulted in
-    /// now (call off the async threads: that may read from disk); without, nothing is read
-    /// until someone touches the bytes.
+    /// Maps `pos..pos + len` of `file`, a committed blob or a fill's written part. With
+    /// `populate` the pages are faulted in now (call off the async threads: that may read from
+    /// disk); without, nothing is read until someone touches the bytes.
     #[allow(unsafe_code)]
     pub fn new(file: &File, pos: u64, len: usize, populate: bool) -> io::Result<Mapping> {
         // Mappings start on a page boundary.

@@ -1175,9 +1175,10 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn sendfile_by_default_only_for_remote_peers() {
-        use super::Sendfile;
         let peers = [
             "127.0.0.1",
             "127.8.9.10",
@@ -1194,8 +1195,6 @@ mod tests {
             assert!(!Sendfile::Never.for_peer(ip), "{peer}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn embedded_default_is_valid_and_mirrors_docker_hub() {
