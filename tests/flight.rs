@@ -24,6 +24,18 @@ fn blob_url(cache: &Regcache, digest: &str) -> String {
     format!("{}/v2/app/blobs/{digest}", cache.url())
 }
 
+/// The size of the largest file in the cache's `tmp/` (a fill's temp file), 0 if none.
+fn temp_file_len(cache: &Regcache) -> u64 {
+    std::fs::read_dir(cache.data.path().join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
+
 async fn get_all(url: &str) -> Result<Bytes, String> {
     let resp = http().get(url).send().await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
@@ -272,24 +284,12 @@ async fn a_late_joiner_gets_the_written_part_by_sendfile() {
         let url = url.clone();
         async move { get_all(&url).await }
     });
-    // Upstream has sent the first 6 MiB and pauses: wait until the temp file holds all but the
-    // writer's last, partial batch (it gets whole batches of 512 KiB, or the body's end).
-    let tmp = cache.data.path().join("tmp");
-    let written = || {
-        std::fs::read_dir(&tmp)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .max()
-            .unwrap_or(0)
-    };
+    // Upstream has sent the first 6 MiB and pauses: wait until the temp file holds it.
     let waited = std::time::Instant::now();
-    while written() < 5 * MIB as u64 {
+    while temp_file_len(&cache) < 6 * MIB as u64 {
         assert!(
             waited.elapsed() < Duration::from_secs(10),
-            "the fill wrote 5 MiB"
+            "the fill wrote 6 MiB"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -308,9 +308,51 @@ async fn a_late_joiner_gets_the_written_part_by_sendfile() {
         .await
         .get("regcache_sendfile_bytes_total", &[]);
     assert!(
-        (5.0 * MIB as f64..=24.0 * MIB as f64).contains(&sent),
+        (6.0 * MIB as f64..=24.0 * MIB as f64).contains(&sent),
         "bytes by sendfile: {sent}"
     );
+    assert_eq!(up.count("GET", &layer), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_received_before_an_upstream_pause_reach_disk() {
+    // Two pieces of about 300 KiB with 4 s before each: the first is less than one write batch
+    // (512 KiB), so only the fill's linger writes it before the second arrives.
+    let faults = Faults {
+        drip: Some((2, Duration::from_secs(4))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 7, 600 * 1024).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let piece = img.layers[0].blob.len().div_ceil(2) as u64;
+    assert!(piece < 512 * 1024, "the first piece is a part batch");
+    let mut resp = http().get(blob_url(&cache, &layer)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = Vec::new();
+    while (body.len() as u64) < piece {
+        body.extend_from_slice(&resp.chunk().await.unwrap().expect("the first piece"));
+    }
+    // The client has the first piece; upstream pauses for 4 s before the second.
+    let waited = std::time::Instant::now();
+    while temp_file_len(&cache) < piece {
+        assert!(
+            waited.elapsed() < Duration::from_secs(2),
+            "the first piece is not on disk: {} bytes",
+            temp_file_len(&cache)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(temp_file_len(&cache), piece);
+    assert_eq!(
+        up.load.blobs_completed.load(SeqCst),
+        0,
+        "upstream is mid-blob"
+    );
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(image::sha256(&body), layer);
     assert_eq!(up.count("GET", &layer), 1);
 }
 

@@ -209,6 +209,10 @@ const LENT_CHUNK: u64 = 4 * 1024 * 1024;
 /// How much upstream data is gathered before one write + hash step.
 const WRITE_BATCH: usize = 512 * 1024;
 
+/// How long a fill holds a part batch for more bytes once upstream has gone quiet (see
+/// [`WRITE_BATCH`]).
+const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Follows a blob file (complete, or being filled) from `pos` to `end`.
 pub struct Reader {
     file: Arc<File>,
@@ -558,7 +562,7 @@ where
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len = 0usize;
     let mut ended = false;
-    while !ended {
+    'fill: while !ended {
         // This wake-up's data frames, and their bytes.
         let (mut frames, mut got) = (Vec::new(), 0usize);
         let mut take = |frame: hyper::body::Frame<Bytes>, got: &mut usize| {
@@ -567,19 +571,38 @@ where
                 frames.push(data);
             }
         };
-        match tokio::time::timeout(read_timeout, body.frame()).await {
-            Err(_) => {
-                return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
-                    read_timeout,
-                )));
+        let deadline = tokio::time::Instant::now() + read_timeout;
+        let next = loop {
+            // Once upstream goes quiet, a part batch goes to the writer after all: a pause
+            // upstream leaves no received byte only in memory for longer than the linger.
+            let wait = match batch_len {
+                0 => deadline,
+                _ => deadline.min(tokio::time::Instant::now() + BATCH_LINGER),
+            };
+            match tokio::time::timeout_at(wait, body.frame()).await {
+                Ok(next) => break next,
+                Err(_) if batch_len > 0 => {
+                    batch_len = 0;
+                    if batches.send(std::mem::take(&mut batch)).await.is_err() {
+                        // The writer stopped: its error is the one to report.
+                        break 'fill;
+                    }
+                }
+                Err(_) => {
+                    return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
+                        read_timeout,
+                    )));
+                }
             }
-            Ok(None) => ended = true,
-            Ok(Some(Err(e))) => {
+        };
+        match next {
+            None => ended = true,
+            Some(Err(e)) => {
                 return Err(upstream_err(crate::upstream::UpstreamError::Io(
                     e.to_string(),
                 )));
             }
-            Ok(Some(Ok(frame))) => take(frame, &mut got),
+            Some(Ok(frame)) => take(frame, &mut got),
         }
         // Take whatever else is already buffered, so one wake-up of the readers covers it.
         while !ended && batch_len + got < WRITE_BATCH {
@@ -625,7 +648,6 @@ where
         if (batch_len >= WRITE_BATCH || ended) && batch_len > 0 {
             batch_len = 0;
             if batches.send(std::mem::take(&mut batch)).await.is_err() {
-                // The writer stopped: its error is the one to report.
                 break;
             }
         }
