@@ -14,8 +14,8 @@
 //! interleaved rounds per wrk measurement (default 3), `BENCH_PULLS` cold-pull trials
 //! (default 5), `BENCH_LINK_MBIT` the link rates for `link` (default `1000,2500`),
 //! `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing, cross-repo),
-//! `pull` (cold single pull), `link` (the same pull from an upstream behind a rate-limited
-//! link, in a network namespace: needs root), `rss` (peak RSS), `blob` (hot blobs), `manifest`
+//! `pull` (cold single pull), `skopeo` (the same image pulled by skopeo), `link` (the same
+//! pull from an upstream behind a rate-limited link, in a network namespace: needs root), `rss` (peak RSS), `blob` (hot blobs), `manifest`
 //! (hot tag manifests) and `s3` (S3 vs local storage: cold fill, cold from the bucket, upload
 //! lag, hot blob, two replicas missing at once), `hot` meaning `rss`, `blob` and `manifest`;
 //! `BENCH_WRAP` a command prefix for the regcache processes, for profiling (e.g.
@@ -101,8 +101,8 @@ struct Knobs {
     pulls: usize,
     /// Link rates (Mbit/s) for the `link` section.
     link_mbit: Vec<u64>,
-    /// Sections to run (`cold`, `pull`, `link`, `rss`, `blob`, `manifest`, `s3`; `hot` is `rss`,
-    /// `blob` and `manifest`); empty for all.
+    /// Sections to run (`cold`, `pull`, `skopeo`, `link`, `rss`, `blob`, `manifest`, `s3`; `hot`
+    /// is `rss`, `blob` and `manifest`); empty for all.
     only: Vec<String>,
 }
 
@@ -298,6 +298,22 @@ async fn run(k: Knobs) {
         ));
         let upstream_pid = upstream.p.child.id();
         cold_pulls(&k, root, &registry_bin, &up, upstream_pid, "", &mut report).await;
+    }
+    // ---- 3a. the same image pulled by a real client: skopeo ---------------------------------
+    if k.want("skopeo") {
+        step(&format!(
+            "cold pull of the 98 MiB image by skopeo, {} trials",
+            k.pulls
+        ));
+        skopeo_pulls(
+            &k,
+            root,
+            &registry_bin,
+            &up,
+            upstream.p.child.id(),
+            &mut report,
+        )
+        .await;
     }
     // ---- 3b. the same over a rate-limited link to the upstream ------------------------------
     if k.want("link") {
@@ -996,6 +1012,46 @@ impl Report {
     }
 }
 
+/// Runs `pull(base, dir)` once per trial for each contender: straight from `up`, through a
+/// fresh regcache and through a fresh distribution proxy (each started empty in `dir`), in
+/// rotating order. Returns per contender (in that order) and trial what `pull` returned and
+/// the CPU seconds the proxy and the upstream used meanwhile.
+async fn rotate_cold<T>(
+    k: &Knobs,
+    root: &Path,
+    registry_bin: &Path,
+    up: &str,
+    upstream_pid: u32,
+    prefix: &str,
+    mut pull: impl AsyncFnMut(&str, &Path) -> T,
+) -> [Vec<(T, [f64; 2])>; 3] {
+    let mut runs: [Vec<(T, [f64; 2])>; 3] = Default::default();
+    for trial in 0..k.pulls {
+        for j in 0..3 {
+            let who = (trial + j) % 3;
+            let dir = root.join(format!("{prefix}{trial}-{who}"));
+            let mut srv = match who {
+                0 => None,
+                1 => Some(start_regcache(&dir, up).await),
+                _ => Some(start_registry(registry_bin, &dir, Some(up)).await),
+            };
+            std::fs::create_dir_all(&dir).unwrap();
+            let base = srv.as_ref().map_or(up.to_owned(), |s| s.url.clone());
+            let pids = [srv.as_ref().map(|s| s.p.child.id()), Some(upstream_pid)];
+            let before = pids.map(cpu_secs);
+            let got = pull(&base, &dir).await;
+            let after = pids.map(cpu_secs);
+            runs[who].push((got, [after[0] - before[0], after[1] - before[1]]));
+            if let Some(s) = &mut srv {
+                s.stop();
+            }
+            // Drop the copy this trial made so the disk's write-back does not pile up.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    runs
+}
+
 /// Cold single pulls of `bench/pull` from `up` straight, through regcache and through
 /// distribution, in rotating order, each proxy started empty per trial; adds the wall-time row
 /// (`label` names the conditions) and per-request and CPU lines to `report`.
@@ -1009,69 +1065,48 @@ async fn cold_pulls(
     report: &mut Report,
 ) {
     let client = http();
+    let me = Some(std::process::id());
+    let runs = rotate_cold(
+        k,
+        root,
+        registry_bin,
+        up,
+        upstream_pid,
+        "pull",
+        async |base: &str, _: &Path| {
+            let before = cpu_secs(me);
+            let t = pull(&client, base, "bench/pull", "latest").await.unwrap();
+            (t, cpu_secs(me) - before)
+        },
+    )
+    .await;
     // Per contender (upstream direct, regcache, distribution): per trial, per request
     // (manifest, config, layers) the time to first byte and the total, in seconds.
-    let mut times: [Vec<Vec<(f64, f64)>>; 3] = Default::default();
+    let times = runs
+        .each_ref()
+        .map(|r| r.iter().map(|((t, _), _)| t.clone()).collect::<Vec<_>>());
     // CPU seconds used during each pull by (the proxy, the upstream, this client).
-    let mut cpu: [Vec<[f64; 3]>; 3] = Default::default();
-    for trial in 0..k.pulls {
-        for j in 0..3 {
-            let who = (trial + j) % 3;
-            let dir = root.join(format!("pull{trial}-{who}"));
-            let mut srv = match who {
-                0 => None,
-                1 => Some(start_regcache(&dir, up).await),
-                _ => Some(start_registry(registry_bin, &dir, Some(up)).await),
-            };
-            let base = srv.as_ref().map_or(up.to_owned(), |s| s.url.clone());
-            let pids = [
-                srv.as_ref().map(|s| s.p.child.id()),
-                Some(upstream_pid),
-                Some(std::process::id()),
-            ];
-            let before = pids.map(cpu_secs);
-            let t = pull(&client, &base, "bench/pull", "latest").await.unwrap();
-            let after = pids.map(cpu_secs);
-            cpu[who].push([0, 1, 2].map(|i| after[i] - before[i]));
-            times[who].push(t);
-            if let Some(s) = &mut srv {
-                s.stop();
-            }
-            // Drop the copy this trial made so the disk's write-back does not pile up.
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-    }
-    let totals: Vec<Vec<f64>> = times
-        .iter()
-        .map(|trials| trials.iter().map(|t| t.iter().map(|x| x.1).sum()).collect())
-        .collect();
-    let (m_up, m_rc, m_dp) = (median(&totals[0]), median(&totals[1]), median(&totals[2]));
-    let pull_ratio = m_rc / m_up;
-    report.row(Row {
-        what: format!(
+    let cpu = runs.each_ref().map(|r| {
+        r.iter()
+            .map(|((_, client), [proxy, upstream])| [*proxy, *upstream, *client])
+            .collect::<Vec<_>>()
+    });
+    let totals = times
+        .each_ref()
+        .map(|trials| trials.iter().map(|t| t.iter().map(|x| x.1).sum()).collect());
+    report_pulls(
+        report,
+        format!(
             "Cold single pull (manifest + config + 4 layers, 98 MiB){label}, median of {}; wall time",
             k.pulls
         ),
-        regcache: format!("{:.0} ms", m_rc * 1e3),
-        reference: format!(
-            "upstream direct: {:.0} ms; distribution: {:.0} ms",
-            m_up * 1e3,
-            m_dp * 1e3
-        ),
-        ratio: format!("{pull_ratio:.2}x upstream"),
-        target: "<= 1.1x upstream".into(),
-        met: Some(pull_ratio <= 1.1),
-    });
-    report.raw(format!(
-        "cold pull{label} trials (ms): upstream {:?}; regcache {:?}; distribution {:?}",
-        ms(&totals[0]),
-        ms(&totals[1]),
-        ms(&totals[2])
-    ));
-    for (who, name) in ["upstream direct", "regcache", "distribution"]
-        .iter()
-        .enumerate()
-    {
+        &format!("cold pull{label}"),
+        "client",
+        &totals,
+        &cpu,
+        Some(1.1),
+    );
+    for (who, name) in CONTENDERS.iter().enumerate() {
         let n_items = times[who].first().map_or(0, Vec::len);
         let items: Vec<String> = (0..n_items)
             .map(|i| {
@@ -1096,17 +1131,134 @@ async fn cold_pulls(
             "cold pull{label} per request, {name} (median ms, first byte/total): {}",
             items.join(", ")
         ));
+    }
+}
+
+/// The contenders of a cold pull, in the order [`rotate_cold`] returns them.
+const CONTENDERS: [&str; 3] = ["upstream direct", "regcache", "distribution"];
+
+/// Adds a cold pull's wall-time row and its raw lines (trials, CPU time) to `report`. `wall`
+/// and `cpu` are per contender ([`CONTENDERS`]) and trial: seconds, and the CPU seconds of
+/// (the proxy, the upstream, the client). `limit` is the target ratio to upstream direct, if
+/// the row has one.
+fn report_pulls(
+    report: &mut Report,
+    what: String,
+    tag: &str,
+    client: &str,
+    wall: &[Vec<f64>; 3],
+    cpu: &[Vec<[f64; 3]>; 3],
+    limit: Option<f64>,
+) {
+    let (m_up, m_rc, m_dp) = (median(&wall[0]), median(&wall[1]), median(&wall[2]));
+    let ratio = m_rc / m_up;
+    let paired: Vec<f64> = wall[1].iter().zip(&wall[0]).map(|(r, u)| r / u).collect();
+    report.row(Row {
+        what,
+        regcache: format!("{:.0} ms", m_rc * 1e3),
+        reference: format!(
+            "upstream direct: {:.0} ms; distribution: {:.0} ms",
+            m_up * 1e3,
+            m_dp * 1e3
+        ),
+        ratio: format!(
+            "{ratio:.2}x upstream (median of trial ratios {:.2}x)",
+            median(&paired)
+        ),
+        target: limit.map_or("(info: a real client)".into(), |l| {
+            format!("<= {l}x upstream")
+        }),
+        met: limit.map(|l| ratio <= l),
+    });
+    report.raw(format!(
+        "{tag} trials (ms): upstream {:?}; regcache {:?}; distribution {:?}; regcache/upstream per trial {:?}",
+        ms(&wall[0]),
+        ms(&wall[1]),
+        ms(&wall[2]),
+        paired.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
+    ));
+    for (who, name) in CONTENDERS.iter().enumerate() {
         let c = |i: usize| median(&cpu[who].iter().map(|c| c[i]).collect::<Vec<_>>()) * 1e3;
         report.raw(format!(
-            "cold pull{label} CPU time, {name} (median ms): proxy {:.0}, upstream {:.0}, client {:.0}; sum {:.0} over a {:.0} ms pull on {} cores",
+            "{tag} CPU time, {name} (median ms): proxy {:.0}, upstream {:.0}, {client} {:.0}; sum {:.0} over a {:.0} ms pull on {} cores",
             c(0),
             c(1),
             c(2),
             c(0) + c(1) + c(2),
-            median(&totals[who]) * 1e3,
+            median(&wall[who]) * 1e3,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ));
     }
+}
+
+/// The cold pull again, by a real client: `skopeo copy docker://... dir:...` fetches the
+/// layers in parallel, verifies them and writes them to a directory. Straight from the
+/// upstream, through a fresh regcache and through a fresh distribution proxy, in rotating
+/// order; the ratio of each trial (a pair run back to back) and of the medians.
+async fn skopeo_pulls(
+    k: &Knobs,
+    root: &Path,
+    registry_bin: &Path,
+    up: &str,
+    upstream_pid: u32,
+    report: &mut Report,
+) {
+    let run = |base: &str, dest: &Path| -> f64 {
+        let src = format!(
+            "docker://{}/bench/pull:latest",
+            base.trim_start_matches("http://")
+        );
+        let dst = format!("dir:{}", dest.display());
+        let t = Instant::now();
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false", &src, &dst])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("skopeo: {e}; the `skopeo` section needs it (apt-get install skopeo)")
+            });
+        assert!(
+            out.status.success(),
+            "skopeo copy {src}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        t.elapsed().as_secs_f64()
+    };
+    let runs = rotate_cold(
+        k,
+        root,
+        registry_bin,
+        up,
+        upstream_pid,
+        "skopeo",
+        async |base: &str, dir: &Path| {
+            let kids = children_cpu_secs();
+            let secs = tokio::task::block_in_place(|| run(base, &dir.join("out")));
+            (secs, children_cpu_secs() - kids)
+        },
+    )
+    .await;
+    // Per contender (upstream direct, regcache, distribution): wall seconds per trial, and the
+    // CPU seconds of (the proxy, the upstream, skopeo).
+    let wall = runs
+        .each_ref()
+        .map(|r| r.iter().map(|((secs, _), _)| *secs).collect::<Vec<_>>());
+    let cpu = runs.each_ref().map(|r| {
+        r.iter()
+            .map(|((_, skopeo), [proxy, upstream])| [*proxy, *upstream, *skopeo])
+            .collect::<Vec<_>>()
+    });
+    report_pulls(
+        report,
+        format!(
+            "Cold pull of the same image by skopeo (layers in parallel, to a dir), median of {}; wall time",
+            k.pulls
+        ),
+        "skopeo cold pull",
+        "skopeo",
+        &wall,
+        &cpu,
+        None,
+    );
 }
 
 /// A rate-limited link: a network namespace joined to this one by a veth pair, each end
