@@ -1192,7 +1192,8 @@ fn report_pulls(
 }
 
 /// The cold pull again, by a real client: `skopeo copy docker://... dir:...` fetches the
-/// layers in parallel, verifies them and writes them to a directory. Straight from the
+/// layers one after another (a `dir:` destination takes one blob at a time), sniffs each one's
+/// compression, verifies it and writes it to a directory. Straight from the
 /// upstream, through a fresh regcache and through a fresh distribution proxy, in rotating
 /// order; the ratio of each trial (a pair run back to back) and of the medians.
 async fn skopeo_pulls(
@@ -1250,7 +1251,7 @@ async fn skopeo_pulls(
     report_pulls(
         report,
         format!(
-            "Cold pull of the same image by skopeo (layers in parallel, to a dir), median of {}; wall time",
+            "Cold pull of the same image by skopeo (to a dir), median of {}; wall time",
             k.pulls
         ),
         "skopeo cold pull",
