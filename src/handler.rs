@@ -353,6 +353,7 @@ async fn dispatch<B>(
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .header(DIGEST_HEADER, digest.to_string())
                 .header(header::ETAG, format!("\"{digest}\""))
+                .header(header::CACHE_CONTROL, crate::oci::BLOB_CACHE_CONTROL)
                 .header("cache-status", answer.cache.cache_status());
             let (status, start, end) = match answer.size {
                 None => (StatusCode::OK, 0, None),

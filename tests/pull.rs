@@ -179,6 +179,8 @@ async fn head_and_range_requests() {
     );
     assert_eq!(s.meter.blob_gets(), 0);
     assert_eq!(s.meter.count("HEAD", &layer.digest()), 1);
+    // Content named by its digest never changes: a year, as distribution says.
+    assert_eq!(resp.headers()["cache-control"], "max-age=31536000");
 
     // A range of an uncached blob: 206 with exactly those bytes (the fill runs behind it).
     let resp = client
@@ -192,6 +194,7 @@ async fn head_and_range_requests() {
         resp.headers()["content-range"],
         format!("bytes 100-199/{size}").as_str()
     );
+    assert_eq!(resp.headers()["cache-control"], "max-age=31536000");
     assert_eq!(resp.bytes().await.unwrap(), layer.blob.slice(100..200));
 
     // Cached: suffix and open ranges, HEAD from disk, 416 past the end.
@@ -228,6 +231,7 @@ async fn head_and_range_requests() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["cache-status"], "regcache; hit");
     assert_eq!(s.meter.total(), 0);
+    assert_eq!(resp.headers()["cache-control"], "max-age=31536000");
 
     // Manifest HEAD carries the digest and type but no body.
     let resp = client
@@ -245,6 +249,8 @@ async fn head_and_range_requests() {
         resp.headers()["content-length"],
         img.manifest.len().to_string().as_str()
     );
+    // A tag moves: no lifetime is promised for it.
+    assert!(resp.headers().get("cache-control").is_none());
     assert!(resp.bytes().await.unwrap().is_empty());
 }
 
