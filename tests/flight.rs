@@ -316,10 +316,10 @@ async fn a_late_joiner_gets_the_written_part_by_sendfile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_received_before_an_upstream_pause_reach_disk() {
-    // Two pieces of about 300 KiB with 4 s before each: the first is less than one write batch
-    // (512 KiB), so only the fill's linger writes it before the second arrives.
+    // Two pieces of about 300 KiB with 2 s before each: the first is less than one write batch
+    // (512 KiB), so only the fill's linger (50 ms) writes it before the second arrives.
     let faults = Faults {
-        drip: Some((2, Duration::from_secs(4))),
+        drip: Some((2, Duration::from_secs(2))),
         ..Faults::default()
     };
     let (up, img) = upstream_with_layer(faults, 7, 600 * 1024).await;
@@ -333,11 +333,11 @@ async fn bytes_received_before_an_upstream_pause_reach_disk() {
     while (body.len() as u64) < piece {
         body.extend_from_slice(&resp.chunk().await.unwrap().expect("the first piece"));
     }
-    // The client has the first piece; upstream pauses for 4 s before the second.
+    // The client has the first piece; upstream pauses for 2 s before the second.
     let waited = std::time::Instant::now();
     while temp_file_len(&cache) < piece {
         assert!(
-            waited.elapsed() < Duration::from_secs(2),
+            waited.elapsed() < Duration::from_millis(1500),
             "the first piece is not on disk: {} bytes",
             temp_file_len(&cache)
         );
