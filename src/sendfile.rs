@@ -60,8 +60,8 @@ impl Loans {
         self.committed
     }
 
-    /// `len` bytes of `file` at `pos` (written, never to change), mapped without being read and lent to
-    /// this connection's socket until the `Bytes` is dropped. Call off the async threads:
+    /// `len` bytes of `file` at `pos` (written, never to change), mapped without being read
+    /// and lent to this connection's socket until the `Bytes` is dropped. Call off the async threads:
     /// pages not in the page cache are read in first, so `sendfile` never waits for the disk
     /// on an async thread.
     pub fn map(self: &Arc<Self>, file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {

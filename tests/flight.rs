@@ -357,6 +357,45 @@ async fn bytes_received_before_an_upstream_pause_reach_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_mid_blob_fails_at_the_read_timeout_and_nothing_is_kept() {
+    // Half of a 600 KiB blob at once (a part batch, so the linger runs too), then 10 s of
+    // silence: the fill gives up after read_timeout, counted from the last frame.
+    let faults = Faults {
+        stall_blobs: Some(Duration::from_secs(10)),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 8, 600 * 1024).await;
+    let cache = Regcache::start(&up.url(), |c| {
+        let u = c.upstreams.get_mut("docker.io").unwrap();
+        u.read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    let got = tokio::time::timeout(Duration::from_secs(5), get_all(&url))
+        .await
+        .expect("the stalled fill gave up long before upstream went on");
+    assert!(got.is_err(), "a stalled body looked complete");
+    let timeouts = |s: &Scrape| {
+        s.get(
+            "regcache_upstream_errors_total",
+            &[("upstream", "docker.io"), ("reason", "timeout")],
+        )
+    };
+    Scrape::until(&cache.url(), |s| {
+        timeouts(s) == 1.0 && s.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(cache.stored_files(), 0, "nothing kept");
+    assert_eq!(temp_file_len(&cache), 0, "the temp file is gone");
+
+    up.set(|f| f.stall_blobs = None);
+    assert_eq!(image::sha256(&get_all(&url).await.unwrap()), layer);
+    assert_eq!(up.count("GET", &layer), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_concurrency_is_capped_and_the_rest_wait_in_line() {
     let up = FakeRegistry::start(Faults {
         drip: Some((4, Duration::from_millis(40))),

@@ -562,7 +562,9 @@ where
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len = 0usize;
     let mut ended = false;
-    'fill: while !ended {
+    // When upstream's last frame came: the read timeout counts from there.
+    let mut last_frame = tokio::time::Instant::now();
+    while !ended {
         // This wake-up's data frames, and their bytes.
         let (mut frames, mut got) = (Vec::new(), 0usize);
         let mut take = |frame: hyper::body::Frame<Bytes>, got: &mut usize| {
@@ -571,38 +573,36 @@ where
                 frames.push(data);
             }
         };
-        let deadline = tokio::time::Instant::now() + read_timeout;
-        let next = loop {
-            // Once upstream goes quiet, a part batch goes to the writer after all: a pause
-            // upstream leaves no received byte only in memory for longer than the linger.
-            let wait = match batch_len {
-                0 => deadline,
-                _ => deadline.min(tokio::time::Instant::now() + BATCH_LINGER),
-            };
-            match tokio::time::timeout_at(wait, body.frame()).await {
-                Ok(next) => break next,
-                Err(_) if batch_len > 0 => {
-                    batch_len = 0;
-                    if batches.send(std::mem::take(&mut batch)).await.is_err() {
-                        // The writer stopped: its error is the one to report.
-                        break 'fill;
-                    }
-                }
-                Err(_) => {
-                    return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
-                        read_timeout,
-                    )));
-                }
+        let deadline = last_frame + read_timeout;
+        // A part batch waits for more bytes only while upstream keeps sending: once it goes
+        // quiet for the linger, the batch goes to the writer as it is, so a pause upstream
+        // leaves no received byte only in memory.
+        let wait = match batch_len {
+            0 => deadline,
+            _ => deadline.min(tokio::time::Instant::now() + BATCH_LINGER),
+        };
+        let next = match tokio::time::timeout_at(wait, body.frame()).await {
+            Ok(next) => {
+                last_frame = tokio::time::Instant::now();
+                Some(next)
+            }
+            Err(_) if batch_len > 0 => None,
+            Err(_) => {
+                return Err(upstream_err(crate::upstream::UpstreamError::Timeout(
+                    read_timeout,
+                )));
             }
         };
+        let quiet = next.is_none();
         match next {
-            None => ended = true,
-            Some(Err(e)) => {
+            None => {}
+            Some(None) => ended = true,
+            Some(Some(Err(e))) => {
                 return Err(upstream_err(crate::upstream::UpstreamError::Io(
                     e.to_string(),
                 )));
             }
-            Some(Ok(frame)) => take(frame, &mut got),
+            Some(Some(Ok(frame))) => take(frame, &mut got),
         }
         // Take whatever else is already buffered, so one wake-up of the readers covers it.
         while !ended && batch_len + got < WRITE_BATCH {
@@ -645,9 +645,10 @@ where
                 }
             });
         }
-        if (batch_len >= WRITE_BATCH || ended) && batch_len > 0 {
+        if (batch_len >= WRITE_BATCH || ended || quiet) && batch_len > 0 {
             batch_len = 0;
             if batches.send(std::mem::take(&mut batch)).await.is_err() {
+                // The writer stopped: its error is the one to report.
                 break;
             }
         }

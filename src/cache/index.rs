@@ -68,14 +68,13 @@ impl Index {
             .cache_capacity(64 << 20)
             .flush_every_ms(Some(500))
             .open()?;
-        let index = Index {
+        Ok(Index {
             blobs: db.open_tree("blobs")?,
             manifests: db.open_tree("manifests")?,
             tags: db.open_tree("tags")?,
             access: db.open_tree("access")?,
             seen_in: db.open_tree("seen_in")?,
-        };
-        Ok(index)
+        })
     }
 
     /// The size of a blob this upstream is known to serve, if recorded.

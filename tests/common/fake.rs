@@ -121,6 +121,8 @@ pub struct Faults {
     pub status: Option<u16>,
     /// Send blob bodies in this many pieces with this pause before each.
     pub drip: Option<(usize, std::time::Duration)>,
+    /// Send the first half of every blob body at once, then pause this long before the rest.
+    pub stall_blobs: Option<std::time::Duration>,
     /// Send blob bodies chunked, without a Content-Length.
     pub chunked: bool,
     /// Docker Hub's rate-limit headers on every answer: (limit, remaining).
@@ -379,8 +381,12 @@ async fn serve(
             if head {
                 return respond(200, &headers, bytes);
             }
-            let (pieces, pause) = faults.drip.unwrap_or((1, std::time::Duration::ZERO));
-            let r = drip(bytes, &headers, pieces, pause, busy);
+            let (pieces, first, pause) = match (faults.stall_blobs, faults.drip) {
+                (Some(stall), _) => (2, std::time::Duration::ZERO, stall),
+                (None, Some((pieces, pause))) => (pieces, pause, pause),
+                (None, None) => (1, std::time::Duration::ZERO, std::time::Duration::ZERO),
+            };
+            let r = drip(bytes, &headers, pieces, first, pause, busy);
             if faults.chunked {
                 let (mut parts, body) = r.into_parts();
                 parts.headers.remove("content-length");
@@ -450,11 +456,13 @@ fn half_then_reset(b: &bytes::Bytes, headers: &[(&str, &str)]) -> http::Response
         .unwrap()
 }
 
-/// A body sent in `pieces` parts, each after `pause`; `busy` lives until the last byte is out.
+/// A body sent in `pieces` parts, the first after `first`, each other after `pause`; `busy`
+/// lives until the last byte is out.
 fn drip(
     b: bytes::Bytes,
     headers: &[(&str, &str)],
     pieces: usize,
+    first: std::time::Duration,
     pause: std::time::Duration,
     busy: Busy,
 ) -> http::Response<BoxBody> {
@@ -467,8 +475,9 @@ fn drip(
             if at >= b.len() {
                 return None;
             }
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
+            let wait = if at == 0 { first } else { pause };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
             let end = (at + step).min(b.len());
             let busy = if end == b.len() {
