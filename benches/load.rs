@@ -14,7 +14,8 @@
 //! interleaved rounds per wrk measurement (default 3), `BENCH_PULLS` cold-pull trials
 //! (default 5), `BENCH_LINK_MBIT` the link rates for `link` (default `1000,2500`),
 //! `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing, cross-repo),
-//! `pull` (cold single pull), `skopeo` (the same image pulled by skopeo), `link` (the same
+//! `pull` (cold single pull), `skopeo` (the same image pulled by skopeo), `docker` (the same
+//! layer sizes pulled by the Docker daemon: needs root and docker.io), `link` (the same
 //! pull from an upstream behind a rate-limited link, in a network namespace: needs root), `rss` (peak RSS), `blob` (hot blobs), `manifest`
 //! (hot tag manifests) and `s3` (S3 vs local storage: cold fill, cold from the bucket, upload
 //! lag, hot blob, two replicas missing at once), `hot` meaning `rss`, `blob` and `manifest`;
@@ -31,7 +32,7 @@
 //! noisy) and its median.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,10 +52,14 @@ use object_store::path::Path as ObjectPath;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::oneshot;
 
-// The scale-out tests' Garage cluster (self-contained); the bench uses part of it.
-#[allow(dead_code)]
-#[path = "../tests/common/garage.rs"]
-mod garage;
+// The tests' helpers: the Garage cluster of the scale-out tests, generated images with real
+// tar.gz layers, and the private Docker daemon. The bench uses part of them.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::free_port;
+use common::garage;
+use common::image::{noise, sha256};
 
 const MIB: usize = 1 << 20;
 const BIG: usize = 100 * MIB;
@@ -101,7 +106,7 @@ struct Knobs {
     pulls: usize,
     /// Link rates (Mbit/s) for the `link` section.
     link_mbit: Vec<u64>,
-    /// Sections to run (`cold`, `pull`, `skopeo`, `link`, `rss`, `blob`, `manifest`, `s3`; `hot`
+    /// Sections to run (`cold`, `pull`, `skopeo`, `docker`, `link`, `rss`, `blob`, `manifest`, `s3`; `hot`
     /// is `rss`, `blob` and `manifest`); empty for all.
     only: Vec<String>,
 }
@@ -291,13 +296,19 @@ async fn run(k: Knobs) {
     }
 
     // ---- 3. cold single pull: regcache vs straight from upstream --------------------------
+    let cold = Cold {
+        k: &k,
+        root,
+        registry_bin: &registry_bin,
+        up: &up,
+        upstream_pid: upstream.p.child.id(),
+    };
     if k.want("pull") {
         step(&format!(
             "cold single pull of a 98 MiB image (4 layers), {} trials",
             k.pulls
         ));
-        let upstream_pid = upstream.p.child.id();
-        cold_pulls(&k, root, &registry_bin, &up, upstream_pid, "", &mut report).await;
+        cold_pulls(&cold, "", &mut report).await;
     }
     // ---- 3a. the same image pulled by a real client: skopeo ---------------------------------
     if k.want("skopeo") {
@@ -305,17 +316,17 @@ async fn run(k: Knobs) {
             "cold pull of the 98 MiB image by skopeo, {} trials",
             k.pulls
         ));
-        skopeo_pulls(
-            &k,
-            root,
-            &registry_bin,
-            &up,
-            upstream.p.child.id(),
-            &mut report,
-        )
-        .await;
+        skopeo_pulls(&cold, &mut report).await;
     }
-    // ---- 3b. the same over a rate-limited link to the upstream ------------------------------
+    // ---- 3b. the same layer sizes pulled by the Docker daemon ----------------------------------
+    if k.want("docker") {
+        step(&format!(
+            "cold pull of 98 MiB of tar.gz layers by the Docker daemon, {} trials",
+            k.pulls
+        ));
+        docker_pulls(&cold, &mut report).await;
+    }
+    // ---- 3c. the same over a rate-limited link to the upstream ------------------------------
     if k.want("link") {
         for &mbit in &k.link_mbit {
             step(&format!(
@@ -331,18 +342,13 @@ async fn run(k: Knobs) {
                 Some(&link),
             )
             .await;
-            let far_pid = far.p.child.id();
+            let over_link = Cold {
+                up: &far.url,
+                upstream_pid: far.p.child.id(),
+                ..cold
+            };
             let label = format!(" over a {mbit} Mbit/s link");
-            cold_pulls(
-                &k,
-                root,
-                &registry_bin,
-                &far.url,
-                far_pid,
-                &label,
-                &mut report,
-            )
-            .await;
+            cold_pulls(&over_link, &label, &mut report).await;
             far.stop();
         }
     }
@@ -1012,20 +1018,37 @@ impl Report {
     }
 }
 
-/// Runs `pull(base, dir)` once per trial for each contender: straight from `up`, through a
-/// fresh regcache and through a fresh distribution proxy (each started empty in `dir`), in
-/// rotating order. Returns per contender (in that order) and trial what `pull` returned and
-/// the CPU seconds the proxy and the upstream used meanwhile.
-async fn rotate_cold<T>(
-    k: &Knobs,
-    root: &Path,
-    registry_bin: &Path,
-    up: &str,
+/// What the cold-pull sections share: the knobs, the bench's temp dir, distribution's binary,
+/// and the upstream (its URL and process).
+#[derive(Clone, Copy)]
+struct Cold<'a> {
+    k: &'a Knobs,
+    root: &'a Path,
+    registry_bin: &'a Path,
+    up: &'a str,
     upstream_pid: u32,
+}
+
+/// Per contender ([`CONTENDERS`]) and trial: what a pull returned, and the CPU seconds the
+/// proxy and the upstream used meanwhile.
+type Trials<T> = [Vec<(T, [f64; 2])>; 3];
+
+/// Runs `pull(base, dir)` once per trial for each contender: straight from the upstream,
+/// through a fresh regcache and through a fresh distribution proxy (each started empty in
+/// `dir`), in rotating order.
+async fn rotate_cold<T>(
+    c: &Cold<'_>,
     prefix: &str,
     mut pull: impl AsyncFnMut(&str, &Path) -> T,
-) -> [Vec<(T, [f64; 2])>; 3] {
-    let mut runs: [Vec<(T, [f64; 2])>; 3] = Default::default();
+) -> Trials<T> {
+    let Cold {
+        k,
+        root,
+        registry_bin,
+        up,
+        upstream_pid,
+    } = *c;
+    let mut runs: Trials<T> = Default::default();
     for trial in 0..k.pulls {
         for j in 0..3 {
             let who = (trial + j) % 3;
@@ -1055,30 +1078,14 @@ async fn rotate_cold<T>(
 /// Cold single pulls of `bench/pull` from `up` straight, through regcache and through
 /// distribution, in rotating order, each proxy started empty per trial; adds the wall-time row
 /// (`label` names the conditions) and per-request and CPU lines to `report`.
-async fn cold_pulls(
-    k: &Knobs,
-    root: &Path,
-    registry_bin: &Path,
-    up: &str,
-    upstream_pid: u32,
-    label: &str,
-    report: &mut Report,
-) {
+async fn cold_pulls(c: &Cold<'_>, label: &str, report: &mut Report) {
     let client = http();
     let me = Some(std::process::id());
-    let runs = rotate_cold(
-        k,
-        root,
-        registry_bin,
-        up,
-        upstream_pid,
-        "pull",
-        async |base: &str, _: &Path| {
-            let before = cpu_secs(me);
-            let t = pull(&client, base, "bench/pull", "latest").await.unwrap();
-            (t, cpu_secs(me) - before)
-        },
-    )
+    let runs = rotate_cold(c, "pull", async |base: &str, _: &Path| {
+        let before = cpu_secs(me);
+        let t = pull(&client, base, "bench/pull", "latest").await.unwrap();
+        (t, cpu_secs(me) - before)
+    })
     .await;
     // Per contender (upstream direct, regcache, distribution): per trial, per request
     // (manifest, config, layers) the time to first byte and the total, in seconds.
@@ -1098,7 +1105,7 @@ async fn cold_pulls(
         report,
         format!(
             "Cold single pull (manifest + config + 4 layers, 98 MiB){label}, median of {}; wall time",
-            k.pulls
+            c.k.pulls
         ),
         &format!("cold pull{label}"),
         "client",
@@ -1196,14 +1203,7 @@ fn report_pulls(
 /// compression, verifies it and writes it to a directory. Straight from the
 /// upstream, through a fresh regcache and through a fresh distribution proxy, in rotating
 /// order; the ratio of each trial (a pair run back to back) and of the medians.
-async fn skopeo_pulls(
-    k: &Knobs,
-    root: &Path,
-    registry_bin: &Path,
-    up: &str,
-    upstream_pid: u32,
-    report: &mut Report,
-) {
+async fn skopeo_pulls(c: &Cold<'_>, report: &mut Report) {
     let run = |base: &str, dest: &Path| -> f64 {
         let src = format!(
             "docker://{}/bench/pull:latest",
@@ -1224,42 +1224,81 @@ async fn skopeo_pulls(
         );
         t.elapsed().as_secs_f64()
     };
-    let runs = rotate_cold(
-        k,
-        root,
-        registry_bin,
-        up,
-        upstream_pid,
-        "skopeo",
-        async |base: &str, dir: &Path| {
-            let kids = children_cpu_secs();
-            let secs = tokio::task::block_in_place(|| run(base, &dir.join("out")));
-            (secs, children_cpu_secs() - kids)
-        },
-    )
+    let runs = rotate_cold(c, "skopeo", async |base: &str, dir: &Path| {
+        let kids = reaped_cpu_secs("self");
+        let secs = tokio::task::block_in_place(|| run(base, &dir.join("out")));
+        (secs, reaped_cpu_secs("self") - kids)
+    })
     .await;
-    // Per contender (upstream direct, regcache, distribution): wall seconds per trial, and the
-    // CPU seconds of (the proxy, the upstream, skopeo).
+    report_client_pulls(
+        report,
+        format!(
+            "Cold pull of the same image by skopeo (to a dir), median of {}; wall time",
+            c.k.pulls
+        ),
+        "skopeo cold pull",
+        "skopeo",
+        &runs,
+    );
+}
+
+/// The cold pull by the Docker daemon, the client a mirror serves most: `docker pull` of an
+/// image with the same layer sizes as `bench/pull`, as real tar.gz layers the daemon can
+/// unpack. It fetches up to 3 layers at once, then decompresses, verifies and unpacks each
+/// (vfs storage). Each trial pulls by the full name (`127.0.0.1:PORT/bench/docker`; the daemon
+/// takes loopback registries as insecure, so plain HTTP) from the upstream, a fresh regcache or
+/// a fresh distribution proxy, in rotating order, then removes the image so the next trial
+/// downloads and unpacks every layer again.
+async fn docker_pulls(c: &Cold<'_>, report: &mut Report) {
+    let layers = [(50, 64), (51, 24), (52, 8), (53, 2)]
+        .map(|(seed, mib)| common::Layer::new(seed, mib * MIB))
+        .to_vec();
+    let img = common::Image::new(common::image::DOCKER_V2, "amd64", layers);
+    common::push(c.up, "bench/docker", "latest", &img).await;
+    let docker = common::clients::Dockerd::start_config("{}", &[]).await;
+    let daemon = docker.pid();
+    let runs = rotate_cold(c, "docker", async |base: &str, _: &Path| {
+        let name = format!("{}/bench/docker:latest", base.trim_start_matches("http://"));
+        let cpu = || tree_cpu_secs(daemon) + reaped_cpu_secs("self");
+        let before = cpu();
+        let t = Instant::now();
+        docker.run(&["pull", "--quiet", &name]).await;
+        let secs = t.elapsed().as_secs_f64();
+        let used = cpu() - before;
+        docker.run(&["rmi", &name]).await;
+        (secs, used)
+    })
+    .await;
+    report_client_pulls(
+        report,
+        format!(
+            "Cold pull of the same layer sizes by the Docker daemon (`docker pull`, tar.gz layers unpacked to vfs), median of {}; wall time",
+            c.k.pulls
+        ),
+        "docker cold pull",
+        "dockerd",
+        &runs,
+    );
+}
+
+/// [`report_pulls`] for a real client: `runs` as [`rotate_cold`] returns them, each trial's
+/// result the wall seconds and the client's CPU seconds.
+fn report_client_pulls(
+    report: &mut Report,
+    what: String,
+    tag: &str,
+    client: &str,
+    runs: &Trials<(f64, f64)>,
+) {
     let wall = runs
         .each_ref()
         .map(|r| r.iter().map(|((secs, _), _)| *secs).collect::<Vec<_>>());
     let cpu = runs.each_ref().map(|r| {
         r.iter()
-            .map(|((_, skopeo), [proxy, upstream])| [*proxy, *upstream, *skopeo])
+            .map(|((_, client), [proxy, upstream])| [*proxy, *upstream, *client])
             .collect::<Vec<_>>()
     });
-    report_pulls(
-        report,
-        format!(
-            "Cold pull of the same image by skopeo (to a dir), median of {}; wall time",
-            k.pulls
-        ),
-        "skopeo cold pull",
-        "skopeo",
-        &wall,
-        &cpu,
-        None,
-    );
+    report_pulls(report, what, tag, client, &wall, &cpu, None);
 }
 
 /// A rate-limited link: a network namespace joined to this one by a veth pair, each end
@@ -1456,9 +1495,9 @@ async fn wrk(url: &str, conns: u32, secs: u64, headers: &[&str]) -> Wrk {
     }
     cmd.arg(url);
     // wrk is the only child that ends (and is reaped) while it runs.
-    let before = children_cpu_secs();
+    let before = reaped_cpu_secs("self");
     let out = cmd.output().await.expect("run wrk");
-    let cpu = children_cpu_secs() - before;
+    let cpu = reaped_cpu_secs("self") - before;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -1470,10 +1509,10 @@ async fn wrk(url: &str, conns: u32, secs: u64, headers: &[&str]) -> Wrk {
     w
 }
 
-/// CPU seconds used by this process's ended and reaped children (`cutime` + `cstime` in
-/// `/proc/self/stat`, in clock ticks).
-fn children_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// CPU seconds used by the ended and reaped children of process `pid` (a number or `self`):
+/// `cutime` + `cstime` in `/proc/PID/stat`, in clock ticks.
+fn reaped_cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses: state is field 3, cutime 16.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<u64> = after
@@ -1483,6 +1522,25 @@ fn children_cpu_secs() -> f64 {
         .collect();
     let ticks = fields.get(12).copied().unwrap_or(0) + fields.get(13).copied().unwrap_or(0);
     ticks as f64 / rustix::param::clock_ticks_per_second() as f64
+}
+
+/// CPU seconds of process `pid` and every process below it, live or reaped.
+fn tree_cpu_secs(pid: u32) -> f64 {
+    let kids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // After the command name, in parentheses: state, then the parent's pid.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect();
+    cpu_secs(Some(pid))
+        + reaped_cpu_secs(&pid.to_string())
+        + kids.into_iter().map(tree_cpu_secs).sum::<f64>()
 }
 
 fn parse_wrk(text: &str) -> Option<Wrk> {
@@ -1553,14 +1611,6 @@ fn require(program: &str, package: &str) -> PathBuf {
         "`{program}` is not installed; the load benchmark needs it. Install it with \
          `apt-get install -y {package}` (or run ./scripts/bench, which does)"
     );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// CPU seconds a process's live threads have run (from `/proc/PID/task/*/schedstat`).
@@ -1920,24 +1970,6 @@ impl Meter {
 }
 
 // ---- images and clients ---------------------------------------------------------------------
-
-fn sha256(b: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(b))
-}
-
-/// Deterministic pseudo-random bytes (xorshift), incompressible like real layers.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// A single-platform Docker schema2 image. Layers are opaque bytes: registries do not look
 /// inside them.
