@@ -69,6 +69,22 @@ impl Loans {
         if !map.is_resident()? {
             map.populate()?;
         }
+        Ok(self.lend(file, pos, map))
+    }
+
+    /// [`Loans::map`] for a range whose every page is in the page cache, or `None`; cheap
+    /// enough for the async threads (nothing is read).
+    pub fn map_resident(
+        self: &Arc<Self>,
+        file: &Arc<File>,
+        pos: u64,
+        len: usize,
+    ) -> io::Result<Option<Bytes>> {
+        let map = Mapping::new(file, pos, len, false)?;
+        Ok(map.is_resident()?.then(|| self.lend(file, pos, map)))
+    }
+
+    fn lend(self: &Arc<Self>, file: &Arc<File>, pos: u64, map: Mapping) -> Bytes {
         let bytes: &[u8] = map.as_ref();
         let addr = bytes.as_ptr() as usize;
         self.ranges.lock().expect("loans").push(Loan {
@@ -77,13 +93,13 @@ impl Loans {
             file: Arc::clone(file),
             offset: pos,
         });
-        Ok(Bytes::from_owner(Lent {
+        Bytes::from_owner(Lent {
             _returned: Returned {
                 loans: Arc::clone(self),
                 addr,
             },
             map,
-        }))
+        })
     }
 
     /// Where the first buffer in `bufs` that lies wholly in a lent range is: its index, and

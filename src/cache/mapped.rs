@@ -85,6 +85,15 @@ pub fn map_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     Ok(Bytes::from_owner(Mapping::new(file, pos, len, true)?))
 }
 
+/// [`map_at`] for a range whose every page is in the page cache, or `None`. Cheap enough for
+/// the async threads: mapping sets up no pages, `mincore` reads none, and copying the bytes
+/// later faults them in from memory. (A page evicted in between is read from disk by that
+/// fault; the next chunk then takes [`map_at`] again.)
+pub fn map_resident(file: &File, pos: u64, len: usize) -> io::Result<Option<Bytes>> {
+    let map = Mapping::new(file, pos, len, false)?;
+    Ok(map.is_resident()?.then(|| Bytes::from_owner(map)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +118,28 @@ mod tests {
             assert!(lazy.is_resident().unwrap(), "{pos}+{len} populated");
             assert_eq!(lazy.as_ref(), &data[pos..pos + len], "{pos}+{len} lazy");
         }
+    }
+
+    /// The hot path maps on an async thread only what is in memory: a range the page cache
+    /// dropped is refused (its reader then maps it on a blocking thread), and the same range
+    /// is taken once it is read back in.
+    #[test]
+    fn only_a_range_in_the_page_cache_maps_as_resident() {
+        // On disk (not tmpfs, whose pages cannot be dropped), beside the crate.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let mut f = tempfile::tempfile_in(dir.path()).unwrap();
+        let data: Vec<u8> = (0..64 * 4096).map(|i| (i * 13 % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        let (pos, len) = (4096 * 3 + 5, 4096 * 20);
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(
+            map_resident(&f, pos, len).unwrap().is_none(),
+            "dropped pages are not resident"
+        );
+        let mut back = vec![0u8; data.len()];
+        rustix::io::pread(&f, &mut back, 0).unwrap();
+        let got = map_resident(&f, pos, len).unwrap().expect("read back in");
+        assert_eq!(&got[..], &data[pos as usize..pos as usize + len]);
     }
 }
