@@ -125,8 +125,10 @@ mod tests {
     /// is taken once it is read back in.
     #[test]
     fn only_a_range_in_the_page_cache_maps_as_resident() {
-        // On disk (not tmpfs, whose pages cannot be dropped), beside the crate.
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        // On disk (not tmpfs, whose pages cannot be dropped): under the crate's `target/`.
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        std::fs::create_dir_all(&target).unwrap();
+        let dir = tempfile::tempdir_in(&target).unwrap();
         let mut f = tempfile::tempfile_in(dir.path()).unwrap();
         let data: Vec<u8> = (0..64 * 4096).map(|i| (i * 13 % 251) as u8).collect();
         f.write_all(&data).unwrap();
