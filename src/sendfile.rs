@@ -3,7 +3,7 @@
 //! hyper writes a response body by handing the socket the body's own buffers (vectored
 //! writes, no copy), and a blob's chunks on disk are memory mappings of its file
 //! (`cache::mapped`). A [`Socket`] asked to write bytes that lie in a mapping lent to it
-//! ([`Loans::map`]) sends those bytes of the file with `sendfile(2)` instead: the kernel moves
+//! ([`Loans::lend`]) sends those bytes of the file with `sendfile(2)` instead: the kernel moves
 //! them from the page cache to the socket, with no copy through regcache's memory and without
 //! faulting the mapping in. This is what nginx's `sendfile on` does, kept under hyper, which
 //! still owns the protocol (framing, keep-alive, errors).
@@ -60,31 +60,10 @@ impl Loans {
         self.committed
     }
 
-    /// `len` bytes of `file` at `pos` (written, never to change), mapped without being read
-    /// and lent to this connection's socket until the `Bytes` is dropped. Call off the async threads:
-    /// pages not in the page cache are read in first, so `sendfile` never waits for the disk
-    /// on an async thread.
-    pub fn map(self: &Arc<Self>, file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
-        let map = Mapping::new(file, pos, len, false)?;
-        if !map.is_resident()? {
-            map.populate()?;
-        }
-        Ok(self.lend(file, pos, map))
-    }
-
-    /// [`Loans::map`] for a range whose every page is in the page cache, or `None`; cheap
-    /// enough for the async threads (nothing is read).
-    pub fn map_resident(
-        self: &Arc<Self>,
-        file: &Arc<File>,
-        pos: u64,
-        len: usize,
-    ) -> io::Result<Option<Bytes>> {
-        let map = Mapping::new(file, pos, len, false)?;
-        Ok(map.is_resident()?.then(|| self.lend(file, pos, map)))
-    }
-
-    fn lend(self: &Arc<Self>, file: &Arc<File>, pos: u64, map: Mapping) -> Bytes {
+    /// `map`, `file`'s bytes from `pos` (written, never to change), lent to this connection's
+    /// socket until the `Bytes` is dropped. Map it with [`crate::cache::map_in_memory`], so
+    /// `sendfile` never waits for the disk on an async thread.
+    pub fn lend(self: &Arc<Self>, file: &Arc<File>, pos: u64, map: Mapping) -> Bytes {
         let bytes: &[u8] = map.as_ref();
         let addr = bytes.as_ptr() as usize;
         self.ranges.lock().expect("loans").push(Loan {
@@ -268,7 +247,7 @@ mod tests {
         f.write_all(&vec![7u8; 3 * 4096]).unwrap();
         let file = Arc::new(f);
         let loans = Loans::new(counter(), true);
-        let lent = loans.map(&file, 100, 8000).unwrap();
+        let lent = loans.lend(&file, 100, Mapping::new(&file, 100, 8000).unwrap());
         let other = vec![7u8; 8000];
         let found = |bufs: &[IoSlice<'_>]| loans.find(bufs).map(|(i, _, off)| (i, off));
         assert_eq!(found(&[IoSlice::new(&lent)]), Some((0, 100)));
@@ -300,7 +279,7 @@ mod tests {
         let (stream, _) = listener.accept().await.unwrap();
         let loans = Loans::new(counter(), true);
         let mut socket = Socket::new(stream, Arc::clone(&loans));
-        let lent = loans.map(&file, 1000, 900_000).unwrap();
+        let lent = loans.lend(&file, 1000, Mapping::new(&file, 1000, 900_000).unwrap());
         let mut head = b"head:".to_vec();
         head.extend_from_slice(&lent[..10]);
         let mut bufs = [IoSlice::new(&head), IoSlice::new(&lent[10..])];

@@ -319,23 +319,18 @@ impl Reader {
             if self.pos < readable {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 let (file, pos) = (Arc::clone(&self.file), self.pos);
-                // Hot chunks (every page in the page cache) are mapped on this thread; only
-                // those that need the disk go to a blocking thread.
                 let chunk = if let Some(loans) = &self.loans {
                     // Written, so never changing: the socket sends it from the page cache.
                     let len = (limit - self.pos).min(LENT_CHUNK) as usize;
-                    let lender = Arc::clone(loans);
-                    resident_or_blocking(loans.map_resident(&file, pos, len), move || {
-                        lender.map(&file, pos, len)
-                    })
-                    .await
+                    super::map_in_memory(&file, pos, len)
+                        .await
+                        .map(|map| loans.lend(&file, pos, map))
                 } else if self.progress.is_none() {
                     // Committed, immutable content: mapped, not copied.
                     let len = (limit - self.pos).min(MAP_CHUNK) as usize;
-                    resident_or_blocking(super::mapped::map_resident(&file, pos, len), move || {
-                        super::mapped::map_at(&file, pos, len)
-                    })
-                    .await
+                    super::map_in_memory(&file, pos, len)
+                        .await
+                        .map(Bytes::from_owner)
                 } else {
                     let len = (limit - self.pos).min(READ_CHUNK) as usize;
                     blocking(move || read_at(&file, pos, len)).await
@@ -355,19 +350,6 @@ impl Reader {
                 return Some(Err(io::Error::other("blob fill ended unexpectedly")));
             }
         }
-    }
-}
-
-/// What `resident` found in memory, or, when it found the disk would be read, what `slow`
-/// gets on a blocking thread.
-async fn resident_or_blocking(
-    resident: io::Result<Option<Bytes>>,
-    slow: impl FnOnce() -> io::Result<Bytes> + Send + 'static,
-) -> io::Result<Bytes> {
-    match resident {
-        Ok(Some(bytes)) => Ok(bytes),
-        Ok(None) => blocking(slow).await,
-        Err(e) => Err(e),
     }
 }
 

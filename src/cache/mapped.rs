@@ -15,8 +15,6 @@
 use std::fs::File;
 use std::io;
 
-use bytes::Bytes;
-
 /// `len` bytes of a file at `pos` that never change (see above), mapped read-only.
 pub struct Mapping {
     map: memmap2::Mmap,
@@ -25,20 +23,16 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `pos..pos + len` of `file`, a committed blob or a fill's written part. With
-    /// `populate` the pages are faulted in now (call off the async threads: that may read from
-    /// disk); without, nothing is read until someone touches the bytes.
+    /// Maps `pos..pos + len` of `file`, a committed blob or a fill's written part. Nothing is
+    /// read until someone touches the bytes (or [`Mapping::populate`] runs).
     #[allow(unsafe_code)]
-    pub fn new(file: &File, pos: u64, len: usize, populate: bool) -> io::Result<Mapping> {
+    pub fn new(file: &File, pos: u64, len: usize) -> io::Result<Mapping> {
         // Mappings start on a page boundary.
         let page = rustix::param::page_size() as u64;
         let start = pos - pos % page;
         let skip = (pos - start) as usize;
         let mut options = memmap2::MmapOptions::new();
         options.offset(start).len(skip + len);
-        if populate {
-            options.populate();
-        }
         // SAFETY: see the module comment: these bytes of the file are never written again.
         let map = unsafe { options.map(file)? };
         Ok(Mapping { map, skip })
@@ -78,25 +72,27 @@ impl AsRef<[u8]> for Mapping {
     }
 }
 
-/// `len` bytes of the committed file at `pos`, mapped and faulted in (call off the async
-/// threads: populating may read from disk). The mapping is unmapped when the last `Bytes`
-/// referring to it is dropped, so memory stays bounded by the chunks in flight.
-pub fn map_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    Ok(Bytes::from_owner(Mapping::new(file, pos, len, true)?))
-}
-
-/// [`map_at`] for a range whose every page is in the page cache, or `None`. Cheap enough for
-/// the async threads: mapping sets up no pages, `mincore` reads none, and copying the bytes
-/// later faults them in from memory. (A page evicted in between is read from disk by that
-/// fault; the next chunk then takes [`map_at`] again.)
-pub fn map_resident(file: &File, pos: u64, len: usize) -> io::Result<Option<Bytes>> {
-    let map = Mapping::new(file, pos, len, false)?;
-    Ok(map.is_resident()?.then(|| Bytes::from_owner(map)))
+/// `pos..pos + len` of `file` mapped, with every page in the page cache. A range already
+/// there (a hot blob) is mapped on the calling async thread: mapping reads nothing, `mincore`
+/// reads nothing, and the copy that touches the bytes later only maps pages in. A range that
+/// needs the disk is read in on a blocking thread first. (A page evicted in between is read by
+/// that later copy's fault; the next chunk is checked again.)
+pub async fn map_in_memory(file: &File, pos: u64, len: usize) -> io::Result<Mapping> {
+    let map = Mapping::new(file, pos, len)?;
+    if map.is_resident()? {
+        return Ok(map);
+    }
+    super::blobs::blocking(move || {
+        map.populate()?;
+        Ok(map)
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::io::Write as _;
 
     #[test]
@@ -111,20 +107,19 @@ mod tests {
             (4096, 4096),
             (5000, 7388),
         ] {
-            let got = map_at(&f, pos as u64, len).unwrap();
+            let got = Bytes::from_owner(Mapping::new(&f, pos as u64, len).unwrap());
             assert_eq!(&got[..], &data[pos..pos + len], "{pos}+{len}");
-            let lazy = Mapping::new(&f, pos as u64, len, false).unwrap();
+            let lazy = Mapping::new(&f, pos as u64, len).unwrap();
             lazy.populate().unwrap();
             assert!(lazy.is_resident().unwrap(), "{pos}+{len} populated");
             assert_eq!(lazy.as_ref(), &data[pos..pos + len], "{pos}+{len} lazy");
         }
     }
 
-    /// The hot path maps on an async thread only what is in memory: a range the page cache
-    /// dropped is refused (its reader then maps it on a blocking thread), and the same range
-    /// is taken once it is read back in.
-    #[test]
-    fn only_a_range_in_the_page_cache_maps_as_resident() {
+    /// A range the page cache dropped is seen as such, and is read in (off the async
+    /// threads) before it is handed out; once in memory it maps as it is. Byte-exact both ways.
+    #[tokio::test]
+    async fn a_range_out_of_the_page_cache_is_read_in_before_it_is_handed_out() {
         // On disk (not tmpfs, whose pages cannot be dropped): under the crate's `target/`.
         let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
         std::fs::create_dir_all(&target).unwrap();
@@ -134,14 +129,20 @@ mod tests {
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();
         let (pos, len) = (4096 * 3 + 5, 4096 * 20);
+        let want = &data[pos as usize..pos as usize + len];
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         assert!(
-            map_resident(&f, pos, len).unwrap().is_none(),
+            !Mapping::new(&f, pos, len).unwrap().is_resident().unwrap(),
             "dropped pages are not resident"
         );
-        let mut back = vec![0u8; data.len()];
-        rustix::io::pread(&f, &mut back, 0).unwrap();
-        let got = map_resident(&f, pos, len).unwrap().expect("read back in");
-        assert_eq!(&got[..], &data[pos as usize..pos as usize + len]);
+        let got = map_in_memory(&f, pos, len).await.unwrap();
+        assert!(
+            got.is_resident().unwrap(),
+            "read in before it is handed out"
+        );
+        assert_eq!(got.as_ref(), want);
+        drop(got);
+        let again = map_in_memory(&f, pos, len).await.unwrap();
+        assert_eq!(again.as_ref(), want, "mapped as it is, once in memory");
     }
 }

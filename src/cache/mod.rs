@@ -8,7 +8,7 @@ pub mod lifecycle;
 mod mapped;
 pub mod verify;
 
-pub use mapped::Mapping;
+pub use mapped::{Mapping, map_in_memory};
 
 use std::path::Path;
 
