@@ -27,7 +27,33 @@ struct Inner {
     /// Committed bytes and files, counted once at open and kept current by commit and remove.
     bytes: AtomicU64,
     objects: AtomicU64,
+    /// Small blobs served lately, kept open and mapped whole (see [`Committed`]).
+    open: moka::sync::Cache<Digest, Committed>,
 }
+
+/// Committed content, open.
+#[derive(Clone)]
+pub struct Committed {
+    pub file: Arc<File>,
+    pub size: u64,
+    /// The whole file mapped, for a blob of at most [`MAPPED_MAX`] bytes. Such a blob is
+    /// served from this one mapping, kept while it is in use: its pages are mapped in once,
+    /// where a larger blob is mapped, faulted in and unmapped again chunk by chunk for every
+    /// request (which for a 5 MiB blob took a third of regcache's CPU; BENCHMARKS.md).
+    pub mapped: Option<Bytes>,
+}
+
+/// The largest blob kept mapped whole: a config or a small layer, served many times a second
+/// where one is hot.
+const MAPPED_MAX: u64 = 8 * 1024 * 1024;
+/// The bytes of the blobs kept open and mapped whole, counted at least [`OPEN_MIN_WEIGHT`]
+/// each. Their pages, once touched, count in regcache's RSS, but they are the page cache's
+/// clean pages, which the kernel reclaims under pressure as it does unmapped ones.
+const MAPPED_BUDGET: u64 = 32 * 1024 * 1024;
+/// What a blob kept open weighs at least: bounds the open files to 256.
+const OPEN_MIN_WEIGHT: u64 = 128 * 1024;
+/// How long an unrequested blob stays open.
+const OPEN_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A temp file being filled; removed on drop unless committed.
 pub struct TempFile {
@@ -72,6 +98,13 @@ impl Store {
                 next_tmp: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
                 objects: AtomicU64::new(0),
+                open: moka::sync::Cache::builder()
+                    .max_capacity(MAPPED_BUDGET)
+                    .weigher(|_, c: &Committed| {
+                        u32::try_from(c.size.max(OPEN_MIN_WEIGHT)).unwrap_or(u32::MAX)
+                    })
+                    .time_to_idle(OPEN_IDLE)
+                    .build(),
             }),
         }
     }
@@ -121,18 +154,38 @@ impl Store {
             .join(hex)
     }
 
-    /// Opens committed content: the file and its size, or `None` when absent.
-    pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<(Arc<File>, u64)>> {
+    /// Opens committed content, or `None` when absent. A small blob served lately is still
+    /// open, and mapped whole.
+    pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<Committed>> {
+        if let Some(c) = self.inner.open.get(digest) {
+            return Ok(Some(c));
+        }
         let path = self.path(digest);
-        blocking(move || match File::open(&path) {
+        let opened = blocking(move || match File::open(&path) {
             Ok(f) => {
-                let len = f.metadata()?.len();
-                Ok(Some((Arc::new(f), len)))
+                let size = f.metadata()?.len();
+                let mapped = match size {
+                    1..=MAPPED_MAX => Some(Bytes::from_owner(super::Mapping::new(
+                        &f,
+                        0,
+                        size as usize,
+                    )?)),
+                    _ => None,
+                };
+                Ok(Some(Committed {
+                    file: Arc::new(f),
+                    size,
+                    mapped,
+                }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         })
-        .await
+        .await?;
+        if let Some(c) = opened.as_ref().filter(|c| c.mapped.is_some()) {
+            self.inner.open.insert(digest.clone(), c.clone());
+        }
+        Ok(opened)
     }
 
     /// Whether committed content exists.
@@ -204,6 +257,9 @@ impl Store {
 
     /// Removes committed content (after corruption is found, or by eviction).
     pub async fn remove(&self, digest: &Digest) -> io::Result<()> {
+        // Closed and unmapped too, so the disk space is freed (a reader still sending it
+        // keeps its own handle until done).
+        self.inner.open.invalidate(digest);
         let path = self.path(digest);
         let size = match tokio::fs::metadata(&path).await {
             Ok(m) => m.len(),
@@ -302,8 +358,7 @@ mod tests {
         assert!(!store.contains(&d).await);
         store.write_small(&d, data.clone()).await.unwrap();
         assert_eq!(store.read_small(&d).await.unwrap().unwrap(), data);
-        let (_, len) = store.open_blob(&d).await.unwrap().unwrap();
-        assert_eq!(len, 5);
+        assert_eq!(store.open_blob(&d).await.unwrap().unwrap().size, 5);
         assert_eq!(store.usage(), (5, 1));
         // committing the same content again changes nothing
         store.write_small(&d, data.clone()).await.unwrap();
@@ -323,5 +378,42 @@ mod tests {
         assert_eq!(reopened.usage(), (5, 1));
         reopened.remove(&d).await.unwrap();
         assert_eq!(reopened.usage(), (0, 0));
+    }
+
+    /// A small blob stays open and mapped whole between requests, until it is removed; a
+    /// large or empty one is opened for each request and never mapped whole.
+    #[tokio::test]
+    async fn small_blobs_stay_open_and_mapped_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let small = Bytes::from(vec![7u8; 10_000]);
+        let large = Bytes::from(vec![1u8; MAPPED_MAX as usize + 1]);
+        let empty = Bytes::new();
+        for data in [&small, &large, &empty] {
+            store
+                .write_small(&Digest::sha256_of(data), data.clone())
+                .await
+                .unwrap();
+        }
+        let open = |data: &Bytes| {
+            let (store, d) = (store.clone(), Digest::sha256_of(data));
+            async move { store.open_blob(&d).await.unwrap().unwrap() }
+        };
+        let (a, b) = (open(&small).await, open(&small).await);
+        assert_eq!(a.mapped.as_deref(), Some(&small[..]));
+        assert!(Arc::ptr_eq(&a.file, &b.file), "kept open");
+        let mapping = |c: &Committed| c.mapped.as_ref().map(|m| m.as_ptr());
+        assert_eq!(mapping(&a), mapping(&b), "one mapping");
+        for data in [&large, &empty] {
+            let (x, y) = (open(data).await, open(data).await);
+            assert_eq!((x.size, x.mapped.is_none()), (data.len() as u64, true));
+            assert!(!Arc::ptr_eq(&x.file, &y.file), "opened per request");
+        }
+        let d = Digest::sha256_of(&small);
+        store.remove(&d).await.unwrap();
+        assert!(
+            store.open_blob(&d).await.unwrap().is_none(),
+            "closed once removed"
+        );
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use super::bucket::Bucket;
 
-use super::blobs::{Store, blocking};
+use super::blobs::{Committed, Store, blocking};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oci::digest::{Digest, Verifier};
@@ -220,6 +220,8 @@ pub struct Reader {
     progress: Option<watch::Receiver<Progress>>,
     /// A fill's in-memory tail, tried before the file.
     window: Option<Arc<Window>>,
+    /// A committed blob mapped whole, served from that mapping unless lent.
+    mapped: Option<Bytes>,
     pos: u64,
     end: Option<u64>,
     done: bool,
@@ -240,6 +242,7 @@ impl Reader {
             file: Arc::clone(file),
             progress: Some(progress),
             window: Some(Arc::clone(window)),
+            mapped: None,
             pos: start,
             end,
             done: false,
@@ -248,11 +251,12 @@ impl Reader {
     }
 
     /// A reader of committed content `start..end`.
-    pub fn complete(file: Arc<File>, start: u64, end: u64) -> Reader {
+    pub fn complete(blob: &Committed, start: u64, end: u64) -> Reader {
         Reader {
-            file,
+            file: Arc::clone(&blob.file),
             progress: None,
             window: None,
+            mapped: blob.mapped.clone(),
             pos: start,
             end: Some(end),
             done: false,
@@ -319,7 +323,11 @@ impl Reader {
             if self.pos < readable {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 let (file, pos) = (Arc::clone(&self.file), self.pos);
-                let chunk = if let Some(loans) = &self.loans {
+                let chunk = if let (Some(whole), None) = (&self.mapped, &self.loans) {
+                    // Committed and mapped whole: a part of that mapping.
+                    let len = (limit - self.pos).min(MAP_CHUNK);
+                    super::mapped::in_memory(whole.slice(pos as usize..(pos + len) as usize)).await
+                } else if let Some(loans) = &self.loans {
                     // Written, so never changing: the socket sends it from the page cache.
                     let len = (limit - self.pos).min(LENT_CHUNK) as usize;
                     super::map_in_memory(&file, pos, len)
@@ -763,5 +771,51 @@ mod tests {
         // after completion a new call runs again
         let (v, j) = group.run("k", || async { 8 }).await;
         assert_eq!((v, j), (8, false));
+    }
+
+    /// Committed content reads back byte-exact over any range, in chunks of at most
+    /// [`MAP_CHUNK`]: a small blob from its one whole mapping (also after the page cache
+    /// dropped it), a large one mapped chunk by chunk.
+    #[tokio::test]
+    async fn committed_blobs_read_back_exact_mapped_whole_or_by_chunk() {
+        // On disk (not tmpfs, whose pages cannot be dropped): under the crate's `target/`.
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        std::fs::create_dir_all(&target).unwrap();
+        let dir = tempfile::tempdir_in(&target).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let small: Bytes = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let large: Bytes = (0..9_000_000u32).map(|i| (i * 17 % 253) as u8).collect();
+        for (data, whole) in [(&small, true), (&large, false)] {
+            let d = Digest::sha256_of(data);
+            store.write_small(&d, data.clone()).await.unwrap();
+            let blob = store.open_blob(&d).await.unwrap().unwrap();
+            assert_eq!(
+                blob.mapped.is_some(),
+                whole,
+                "{} bytes mapped whole",
+                data.len()
+            );
+            rustix::fs::fadvise(&*blob.file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            let n = data.len() as u64;
+            for (start, end) in [
+                (0, n),
+                (1, 4097),
+                (MAP_CHUNK - 3, 2 * MAP_CHUNK + 5),
+                (n - 1, n),
+            ] {
+                let mut reader = Reader::complete(&blob, start, end);
+                let mut got = Vec::new();
+                while let Some(chunk) = reader.next_chunk().await {
+                    let chunk = chunk.unwrap();
+                    assert!(chunk.len() as u64 <= MAP_CHUNK, "chunks are bounded");
+                    got.extend_from_slice(&chunk);
+                }
+                assert!(
+                    got == data[start as usize..end as usize],
+                    "{} bytes, {start}..{end}",
+                    data.len()
+                );
+            }
+        }
     }
 }

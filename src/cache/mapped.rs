@@ -15,6 +15,8 @@
 use std::fs::File;
 use std::io;
 
+use bytes::Bytes;
+
 /// `len` bytes of a file at `pos` that never change (see above), mapped read-only.
 pub struct Mapping {
     map: memmap2::Mmap,
@@ -41,29 +43,65 @@ impl Mapping {
     /// Whether every page of the mapped range is in the page cache, so reading it (or
     /// `sendfile` of it) does not wait for the disk. Asks the kernel (`mincore`); touches
     /// nothing.
-    #[allow(unsafe_code)]
     pub fn is_resident(&self) -> io::Result<bool> {
-        let page = rustix::param::page_size();
-        let mut pages = vec![0u8; self.map.len().div_ceil(page)];
-        // SAFETY: the range is exactly our live mapping, which starts on a page boundary, and
-        // `pages` has one byte per page of it, as mincore(2) requires.
-        let rc = unsafe {
-            libc::mincore(
-                self.map.as_ptr() as *mut libc::c_void,
-                self.map.len(),
-                pages.as_mut_ptr(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(pages.iter().all(|p| p & 1 == 1))
+        resident(&self.map)
     }
 
     /// Reads every page of the range into the page cache now (call off the async threads).
     pub fn populate(&self) -> io::Result<()> {
         self.map.advise(memmap2::Advice::PopulateRead)
     }
+}
+
+/// The pages under `bytes`, a part of a live [`Mapping`]: their start, rounded down to the
+/// page boundary (which is still inside the mapping, as mappings start on one), and length.
+fn pages_of(bytes: &[u8]) -> (*mut libc::c_void, usize) {
+    let page = rustix::param::page_size();
+    let addr = bytes.as_ptr() as usize;
+    let start = addr - addr % page;
+    (start as *mut libc::c_void, addr + bytes.len() - start)
+}
+
+/// [`Mapping::is_resident`] for any part of a mapping.
+#[allow(unsafe_code)]
+fn resident(bytes: &[u8]) -> io::Result<bool> {
+    let (start, len) = pages_of(bytes);
+    let mut pages = vec![0u8; len.div_ceil(rustix::param::page_size())];
+    // SAFETY: the range lies in a live mapping and starts on a page boundary (`pages_of`), and
+    // `pages` has one byte per page of it, as mincore(2) requires.
+    let rc = unsafe { libc::mincore(start, len, pages.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pages.iter().all(|p| p & 1 == 1))
+}
+
+/// [`Mapping::populate`] for any part of a mapping.
+#[allow(unsafe_code)]
+fn populate(bytes: &[u8]) -> io::Result<()> {
+    let (start, len) = pages_of(bytes);
+    // SAFETY: the range lies in a live read-only file mapping and starts on a page boundary;
+    // MADV_POPULATE_READ only faults its pages in, as reading them would.
+    let rc = unsafe { libc::madvise(start, len, libc::MADV_POPULATE_READ) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `chunk`, a part of a blob mapped whole (see `super::blobs::Committed`), once every page
+/// of it is in the page cache: at once when it is (a hot blob, whose pages this mapping has
+/// touched before: no mapping, fault or unmapping per chunk), else after reading it in on a
+/// blocking thread.
+pub async fn in_memory(chunk: Bytes) -> io::Result<Bytes> {
+    if resident(&chunk)? {
+        return Ok(chunk);
+    }
+    super::blobs::blocking(move || {
+        populate(&chunk)?;
+        Ok(chunk)
+    })
+    .await
 }
 
 impl AsRef<[u8]> for Mapping {
@@ -92,7 +130,6 @@ pub async fn map_in_memory(file: &File, pos: u64, len: usize) -> io::Result<Mapp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use std::io::Write as _;
 
     #[test]
@@ -144,5 +181,15 @@ mod tests {
         drop(got);
         let again = map_in_memory(&f, pos, len).await.unwrap();
         assert_eq!(again.as_ref(), want, "mapped as it is, once in memory");
+        drop(again);
+
+        // The same for a part of a file mapped whole.
+        let whole = Bytes::from_owner(Mapping::new(&f, 0, data.len()).unwrap());
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let part = whole.slice(pos as usize..pos as usize + len);
+        assert!(!resident(&part).unwrap(), "dropped pages are not resident");
+        let part = in_memory(part).await.unwrap();
+        assert!(resident(&part).unwrap(), "read in before it is handed out");
+        assert_eq!(&part[..], want);
     }
 }

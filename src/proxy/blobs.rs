@@ -1,13 +1,13 @@
 //! Blobs: local first; on a miss one upstream GET whose bytes stream to every asker while the
 //! fill writes, verifies and commits them.
 
-use std::fs::File;
 use std::sync::Arc;
 
 use http::{Method, header};
 
 use super::isolation::Kind;
 use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, head, send};
+use crate::cache::blobs::Committed;
 use crate::cache::flight::{Fill, FillSpec, Reader, Source};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
@@ -15,8 +15,8 @@ use crate::upstream::UpstreamRequest;
 
 /// Where a blob answer's bytes come from.
 pub enum BlobBody {
-    /// A committed file.
-    File(Arc<File>),
+    /// Committed content.
+    File(Committed),
     /// A fill in flight.
     Fill(Arc<Fill>),
     /// Nothing to send (HEAD answered from upstream).
@@ -37,7 +37,7 @@ impl BlobAnswer {
     /// A reader of bytes `start..end`; `None` for a bodiless answer.
     pub fn reader(&self, start: u64, end: Option<u64>) -> Option<Reader> {
         match &self.body {
-            BlobBody::File(f) => Some(Reader::complete(Arc::clone(f), start, end.or(self.size)?)),
+            BlobBody::File(blob) => Some(Reader::complete(blob, start, end.or(self.size)?)),
             BlobBody::Fill(fill) => Some(fill.reader(start, end)),
             BlobBody::None | BlobBody::Passthrough(_) => None,
         }
@@ -60,9 +60,9 @@ impl Proxy {
             self.may_serve(t, Kind::Blob, digest, client).await?;
         }
         if self.index.blob(up, digest)?.is_some() {
-            if let Some((file, size)) = self.store.open_blob(digest).await? {
+            if let Some(blob) = self.store.open_blob(digest).await? {
                 self.touch(digest);
-                return Ok(hit(file, size));
+                return Ok(hit(blob));
             }
             self.index.remove_blob(up, digest)?;
         }
@@ -76,9 +76,9 @@ impl Proxy {
             // upstream's content may be private.
             if !t.upstream.is_private()
                 && !t.upstream.passes_client_auth()
-                && let Some((file, size)) = self.store.open_blob(digest).await?
+                && let Some(blob) = self.store.open_blob(digest).await?
             {
-                return Ok(hit(file, size));
+                return Ok(hit(blob));
             }
             return Err(Error::BlobUnknown(format!(
                 "{digest} is not cached and regcache is offline"
@@ -87,12 +87,12 @@ impl Proxy {
         if self.store.contains(digest).await {
             // Fetched through another upstream: serve it once this upstream confirms it has it.
             if let Some(size) = self.upstream_head(t, digest, client).await?
-                && let Some((file, len)) = self.store.open_blob(digest).await?
-                && len == size
+                && let Some(blob) = self.store.open_blob(digest).await?
+                && blob.size == size
             {
                 self.index.put_blob(up, digest, size)?;
                 self.note_seen(up, digest, &t.repo)?;
-                return Ok(hit(file, len));
+                return Ok(hit(blob));
             }
         }
         let bucket = self.bucket.clone();
@@ -280,10 +280,10 @@ async fn bucket_copy(
     Ok(bucket.open(up, digest).await)
 }
 
-fn hit(file: Arc<File>, size: u64) -> BlobAnswer {
+fn hit(blob: Committed) -> BlobAnswer {
     BlobAnswer {
-        size: Some(size),
-        body: BlobBody::File(file),
+        size: Some(blob.size),
+        body: BlobBody::File(blob),
         cache: CacheResult::Hit,
     }
 }
