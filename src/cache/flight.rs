@@ -322,25 +322,25 @@ impl Reader {
             let readable = readable.min(on_disk);
             if self.pos < readable {
                 let limit = end.map_or(readable, |e| e.min(readable));
-                let (file, pos) = (Arc::clone(&self.file), self.pos);
+                let (file, pos) = (&self.file, self.pos);
                 let chunk = if let (Some(whole), None) = (&self.mapped, &self.loans) {
                     // Committed and mapped whole: a part of that mapping.
-                    let len = (limit - self.pos).min(MAP_CHUNK);
-                    super::mapped::in_memory(whole.slice(pos as usize..(pos + len) as usize)).await
+                    let len = (limit - pos).min(MAP_CHUNK);
+                    super::in_memory(whole.slice(pos as usize..(pos + len) as usize)).await
                 } else if let Some(loans) = &self.loans {
                     // Written, so never changing: the socket sends it from the page cache.
-                    let len = (limit - self.pos).min(LENT_CHUNK) as usize;
-                    super::map_in_memory(&file, pos, len)
+                    let len = (limit - pos).min(LENT_CHUNK) as usize;
+                    super::map_in_memory(file, pos, len)
                         .await
-                        .map(|map| loans.lend(&file, pos, map))
+                        .map(|map| loans.lend(file, pos, map))
                 } else if self.progress.is_none() {
                     // Committed, immutable content: mapped, not copied.
-                    let len = (limit - self.pos).min(MAP_CHUNK) as usize;
-                    super::map_in_memory(&file, pos, len)
+                    let len = (limit - pos).min(MAP_CHUNK) as usize;
+                    super::map_in_memory(file, pos, len)
                         .await
                         .map(Bytes::from_owner)
                 } else {
-                    let len = (limit - self.pos).min(READ_CHUNK) as usize;
+                    let (file, len) = (Arc::clone(file), (limit - pos).min(READ_CHUNK) as usize);
                     blocking(move || read_at(&file, pos, len)).await
                 };
                 match &chunk {

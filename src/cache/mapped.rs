@@ -15,8 +15,6 @@
 use std::fs::File;
 use std::io;
 
-use bytes::Bytes;
-
 /// `len` bytes of a file at `pos` that never change (see above), mapped read-only.
 pub struct Mapping {
     map: memmap2::Mmap,
@@ -26,7 +24,7 @@ pub struct Mapping {
 
 impl Mapping {
     /// Maps `pos..pos + len` of `file`, a committed blob or a fill's written part. Nothing is
-    /// read until someone touches the bytes (or [`Mapping::populate`] runs).
+    /// read until someone touches the bytes (or [`in_memory`] reads them in).
     #[allow(unsafe_code)]
     pub fn new(file: &File, pos: u64, len: usize) -> io::Result<Mapping> {
         // Mappings start on a page boundary.
@@ -39,18 +37,6 @@ impl Mapping {
         let map = unsafe { options.map(file)? };
         Ok(Mapping { map, skip })
     }
-
-    /// Whether every page of the mapped range is in the page cache, so reading it (or
-    /// `sendfile` of it) does not wait for the disk. Asks the kernel (`mincore`); touches
-    /// nothing.
-    pub fn is_resident(&self) -> io::Result<bool> {
-        resident(&self.map)
-    }
-
-    /// Reads every page of the range into the page cache now (call off the async threads).
-    pub fn populate(&self) -> io::Result<()> {
-        self.map.advise(memmap2::Advice::PopulateRead)
-    }
 }
 
 /// The pages under `bytes`, a part of a live [`Mapping`]: their start, rounded down to the
@@ -62,7 +48,8 @@ fn pages_of(bytes: &[u8]) -> (*mut libc::c_void, usize) {
     (start as *mut libc::c_void, addr + bytes.len() - start)
 }
 
-/// [`Mapping::is_resident`] for any part of a mapping.
+/// Whether every page under `bytes`, a part of a live mapping, is in the page cache. Asks
+/// the kernel (`mincore`); touches nothing.
 #[allow(unsafe_code)]
 fn resident(bytes: &[u8]) -> io::Result<bool> {
     let (start, len) = pages_of(bytes);
@@ -76,7 +63,8 @@ fn resident(bytes: &[u8]) -> io::Result<bool> {
     Ok(pages.iter().all(|p| p & 1 == 1))
 }
 
-/// [`Mapping::populate`] for any part of a mapping.
+/// Reads every page under `bytes`, a part of a live mapping, into the page cache now (call
+/// off the async threads).
 #[allow(unsafe_code)]
 fn populate(bytes: &[u8]) -> io::Result<()> {
     let (start, len) = pages_of(bytes);
@@ -89,17 +77,19 @@ fn populate(bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// `chunk`, a part of a blob mapped whole (see `super::blobs::Committed`), once every page
-/// of it is in the page cache: at once when it is (a hot blob, whose pages this mapping has
-/// touched before: no mapping, fault or unmapping per chunk), else after reading it in on a
-/// blocking thread.
-pub async fn in_memory(chunk: Bytes) -> io::Result<Bytes> {
-    if resident(&chunk)? {
-        return Ok(chunk);
+/// `part` of a mapping, once every page under it is in the page cache, so reading it (or
+/// `sendfile` of it) does not wait for the disk: at once when it is (a hot blob: `mincore`
+/// reads nothing, and the copy that touches the bytes later only maps pages in, or nothing
+/// when this mapping touched them before), else after reading it in on a blocking thread. (A
+/// page evicted in between is read by that later copy's fault; the next chunk is checked
+/// again.)
+pub async fn in_memory<T: AsRef<[u8]> + Send + 'static>(part: T) -> io::Result<T> {
+    if resident(part.as_ref())? {
+        return Ok(part);
     }
     super::blobs::blocking(move || {
-        populate(&chunk)?;
-        Ok(chunk)
+        populate(part.as_ref())?;
+        Ok(part)
     })
     .await
 }
@@ -110,26 +100,15 @@ impl AsRef<[u8]> for Mapping {
     }
 }
 
-/// `pos..pos + len` of `file` mapped, with every page in the page cache. A range already
-/// there (a hot blob) is mapped on the calling async thread: mapping reads nothing, `mincore`
-/// reads nothing, and the copy that touches the bytes later only maps pages in. A range that
-/// needs the disk is read in on a blocking thread first. (A page evicted in between is read by
-/// that later copy's fault; the next chunk is checked again.)
+/// `pos..pos + len` of `file` mapped, with every page in the page cache ([`in_memory`]).
 pub async fn map_in_memory(file: &File, pos: u64, len: usize) -> io::Result<Mapping> {
-    let map = Mapping::new(file, pos, len)?;
-    if map.is_resident()? {
-        return Ok(map);
-    }
-    super::blobs::blocking(move || {
-        map.populate()?;
-        Ok(map)
-    })
-    .await
+    in_memory(Mapping::new(file, pos, len)?).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::io::Write as _;
 
     #[test]
@@ -147,8 +126,8 @@ mod tests {
             let got = Bytes::from_owner(Mapping::new(&f, pos as u64, len).unwrap());
             assert_eq!(&got[..], &data[pos..pos + len], "{pos}+{len}");
             let lazy = Mapping::new(&f, pos as u64, len).unwrap();
-            lazy.populate().unwrap();
-            assert!(lazy.is_resident().unwrap(), "{pos}+{len} populated");
+            populate(lazy.as_ref()).unwrap();
+            assert!(resident(lazy.as_ref()).unwrap(), "{pos}+{len} populated");
             assert_eq!(lazy.as_ref(), &data[pos..pos + len], "{pos}+{len} lazy");
         }
     }
@@ -169,12 +148,12 @@ mod tests {
         let want = &data[pos as usize..pos as usize + len];
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         assert!(
-            !Mapping::new(&f, pos, len).unwrap().is_resident().unwrap(),
+            !resident(Mapping::new(&f, pos, len).unwrap().as_ref()).unwrap(),
             "dropped pages are not resident"
         );
         let got = map_in_memory(&f, pos, len).await.unwrap();
         assert!(
-            got.is_resident().unwrap(),
+            resident(got.as_ref()).unwrap(),
             "read in before it is handed out"
         );
         assert_eq!(got.as_ref(), want);

@@ -8,7 +8,7 @@ pub mod lifecycle;
 mod mapped;
 pub mod verify;
 
-pub use mapped::{Mapping, map_in_memory};
+pub use mapped::{Mapping, in_memory, map_in_memory};
 
 use std::path::Path;
 
