@@ -323,22 +323,24 @@ impl Reader {
             if self.pos < readable {
                 let limit = end.map_or(readable, |e| e.min(readable));
                 let (file, pos) = (&self.file, self.pos);
-                let chunk = if let (Some(whole), None) = (&self.mapped, &self.loans) {
-                    // Committed and mapped whole: a part of that mapping.
-                    let len = (limit - pos).min(MAP_CHUNK);
-                    super::in_memory(whole.slice(pos as usize..(pos + len) as usize)).await
-                } else if let Some(loans) = &self.loans {
+                let chunk = if let Some(loans) = &self.loans {
                     // Written, so never changing: the socket sends it from the page cache.
                     let len = (limit - pos).min(LENT_CHUNK) as usize;
                     super::map_in_memory(file, pos, len)
                         .await
                         .map(|map| loans.lend(file, pos, map))
                 } else if self.progress.is_none() {
-                    // Committed, immutable content: mapped, not copied.
-                    let len = (limit - pos).min(MAP_CHUNK) as usize;
-                    super::map_in_memory(file, pos, len)
-                        .await
-                        .map(Bytes::from_owner)
+                    // Committed, immutable content: mapped, not copied; a small blob's is a
+                    // part of the one mapping kept open.
+                    let len = (limit - pos).min(MAP_CHUNK);
+                    match &self.mapped {
+                        Some(whole) => {
+                            super::in_memory(whole.slice(pos as usize..(pos + len) as usize)).await
+                        }
+                        None => super::map_in_memory(file, pos, len as usize)
+                            .await
+                            .map(Bytes::from_owner),
+                    }
                 } else {
                     let (file, len) = (Arc::clone(file), (limit - pos).min(READ_CHUNK) as usize);
                     blocking(move || read_at(&file, pos, len)).await
