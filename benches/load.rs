@@ -15,7 +15,8 @@
 //! (default 5), `BENCH_LINK_MBIT` the link rates for `link` (default `1000,2500`),
 //! `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing, cross-repo),
 //! `pull` (cold single pull), `skopeo` (the same image pulled by skopeo), `docker` (the same
-//! layer sizes pulled by the Docker daemon: needs root and docker.io), `link` (the same
+//! layer sizes pulled by the Docker daemon: needs root and docker.io), `containerd` (the same
+//! by `ctr images pull`: needs root and containerd), `link` (the same
 //! pull from an upstream behind a rate-limited link, in a network namespace: needs root), `rss` (peak RSS), `blob` (hot blobs), `manifest`
 //! (hot tag manifests) and `s3` (S3 vs local storage: cold fill, cold from the bucket, upload
 //! lag, hot blob, two replicas missing at once), `hot` meaning `rss`, `blob` and `manifest`;
@@ -308,7 +309,8 @@ async fn run(k: Knobs) {
             "cold single pull of a 98 MiB image (4 layers), {} trials",
             k.pulls
         ));
-        cold_pulls(&cold, "", &mut report).await;
+        let medians = cold_pulls(&cold, "", &mut report).await;
+        floor_row(root, &pull_img, &medians, &mut report);
     }
     // ---- 3a. the same image pulled by a real client: skopeo ---------------------------------
     if k.want("skopeo") {
@@ -326,7 +328,15 @@ async fn run(k: Knobs) {
         ));
         docker_pulls(&cold, &mut report).await;
     }
-    // ---- 3c. the same over a rate-limited link to the upstream ------------------------------
+    // ---- 3c. and by containerd ------------------------------------------------------------
+    if k.want("containerd") {
+        step(&format!(
+            "cold pull of 98 MiB of tar.gz layers by containerd, {} trials",
+            k.pulls
+        ));
+        containerd_pulls(&cold, &mut report).await;
+    }
+    // ---- 3d. the same over a rate-limited link to the upstream ------------------------------
     if k.want("link") {
         for &mbit in &k.link_mbit {
             step(&format!(
@@ -1077,8 +1087,9 @@ async fn rotate_cold<T>(
 
 /// Cold single pulls of `bench/pull` from `up` straight, through regcache and through
 /// distribution, in rotating order, each proxy started empty per trial; adds the wall-time row
-/// (`label` names the conditions) and per-request and CPU lines to `report`.
-async fn cold_pulls(c: &Cold<'_>, label: &str, report: &mut Report) {
+/// (`label` names the conditions) and per-request and CPU lines to `report`. Returns the
+/// medians of the direct pull and of the pull through regcache.
+async fn cold_pulls(c: &Cold<'_>, label: &str, report: &mut Report) -> PullMedians {
     let client = http();
     let me = Some(std::process::id());
     let runs = rotate_cold(c, "pull", async |base: &str, _: &Path| {
@@ -1139,6 +1150,114 @@ async fn cold_pulls(c: &Cold<'_>, label: &str, report: &mut Report) {
             items.join(", ")
         ));
     }
+    PullMedians {
+        direct_wall: median(&totals[0]),
+        direct_cpu: median(&cpu[0].iter().map(|[_, u, c]| u + c).collect::<Vec<_>>()),
+        regcache_wall: median(&totals[1]),
+    }
+}
+
+/// The medians of a cold pull's trials, in seconds.
+struct PullMedians {
+    /// Wall time straight from the upstream.
+    direct_wall: f64,
+    /// CPU time of the upstream and the client, straight from the upstream.
+    direct_cpu: f64,
+    /// Wall time through regcache.
+    regcache_wall: f64,
+}
+
+/// Adds the floor of a cold pull through any caching proxy that verifies digests, on this
+/// machine's cores: the upstream and the client spend what they spend on the direct pull, and
+/// the proxy at least hashes the image's bytes and writes them into the page cache (a lower
+/// bound: its own networking is left out), or in practice also receives and sends them once
+/// more over loopback. All of it shares the cores, so no pull through such a proxy can take
+/// less than the sum over the cores.
+fn floor_row(dir: &Path, img: &Img, pulled: &PullMedians, report: &mut Report) {
+    let bytes = img.layers.concat();
+    let [hash, write, transfer] = proxy_work(dir, &bytes);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let floor = (pulled.direct_cpu + hash + write) / cores;
+    let with_net = floor + transfer / cores;
+    let d = pulled.direct_wall;
+    report.row(Row {
+        what: format!(
+            "Cold single pull: the floor on {cores} cores for a proxy that verifies and stores \
+             the {} MiB (the direct pull's CPU + sha256 + page-cache write, over the cores)",
+            bytes.len() / MIB
+        ),
+        regcache: format!("{:.0} ms", pulled.regcache_wall * 1e3),
+        reference: format!(
+            "floor {:.0} ms (direct pull's CPU {:.0} + sha256 {:.0} + write {:.0} ms); with one \
+             more loopback transfer ({:.0} ms): {:.0} ms",
+            floor * 1e3,
+            pulled.direct_cpu * 1e3,
+            hash * 1e3,
+            write * 1e3,
+            transfer * 1e3,
+            with_net * 1e3
+        ),
+        ratio: format!(
+            "floor {:.2}x upstream, with the transfer {:.2}x; regcache {:.2}x",
+            floor / d,
+            with_net / d,
+            pulled.regcache_wall / d
+        ),
+        target: "(info: what row 3's target leaves a proxy)".into(),
+        met: None,
+    });
+}
+
+/// CPU seconds of the least work a caching proxy does on `bytes` beyond what the upstream and
+/// the client do: sha256 of them, writing them into a file's page cache in 512 KiB writes, and
+/// one loopback TCP transfer (sender and receiver); each the least of 3 runs.
+fn proxy_work(dir: &Path, bytes: &[u8]) -> [f64; 3] {
+    use std::io::{Read as _, Write as _};
+    let least = |f: &mut dyn FnMut() -> f64| (0..3).map(|_| f()).fold(f64::INFINITY, f64::min);
+    let hash = least(&mut || {
+        let t = thread_cpu_secs();
+        std::hint::black_box(Sha256::digest(bytes));
+        thread_cpu_secs() - t
+    });
+    let write = least(&mut || {
+        let path = dir.join("floor-write");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let t = thread_cpu_secs();
+        for chunk in bytes.chunks(512 * 1024) {
+            f.write_all(chunk).unwrap();
+        }
+        let took = thread_cpu_secs() - t;
+        drop(f);
+        std::fs::remove_file(&path).unwrap();
+        took
+    });
+    let transfer = least(&mut || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| {
+                let mut conn = std::net::TcpStream::connect(addr).unwrap();
+                let t = thread_cpu_secs();
+                conn.write_all(bytes).unwrap();
+                thread_cpu_secs() - t
+            });
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 512 * 1024];
+            let t = thread_cpu_secs();
+            while conn.read(&mut buf).unwrap() > 0 {}
+            let received = thread_cpu_secs() - t;
+            received + sender.join().unwrap()
+        })
+    });
+    [hash, write, transfer]
+}
+
+/// CPU seconds the calling thread has used.
+fn thread_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
 }
 
 /// The contenders of a cold pull, in the order [`rotate_cold`] returns them.
@@ -1250,11 +1369,7 @@ async fn skopeo_pulls(c: &Cold<'_>, report: &mut Report) {
 /// a fresh distribution proxy, in rotating order, then removes the image so the next trial
 /// downloads and unpacks every layer again.
 async fn docker_pulls(c: &Cold<'_>, report: &mut Report) {
-    let layers = [(50, 64), (51, 24), (52, 8), (53, 2)]
-        .map(|(seed, mib)| common::Layer::new(seed, mib * MIB))
-        .to_vec();
-    let img = common::Image::new(common::image::DOCKER_V2, "amd64", layers);
-    common::push(c.up, "bench/docker", "latest", &img).await;
+    push_engine_image(c.up).await;
     let docker = common::clients::Dockerd::start_config("{}", &[]).await;
     let daemon = docker.pid();
     let runs = rotate_cold(c, "docker", async |base: &str, _: &Path| {
@@ -1283,6 +1398,68 @@ async fn docker_pulls(c: &Cold<'_>, report: &mut Report) {
 
 /// [`report_pulls`] for a real client: `runs` as [`rotate_cold`] returns them, each trial's
 /// result the wall seconds and the client's CPU seconds.
+/// Pushes `bench/docker:latest` to `up`: the layer sizes of `bench/pull` as real tar.gz layers,
+/// which an engine unpacks.
+async fn push_engine_image(up: &str) {
+    let layers = [(50, 64), (51, 24), (52, 8), (53, 2)]
+        .map(|(seed, mib)| common::Layer::new(seed, mib * MIB))
+        .to_vec();
+    let img = common::Image::new(common::image::DOCKER_V2, "amd64", layers);
+    common::push(up, "bench/docker", "latest", &img).await;
+}
+
+/// The same image pulled by containerd, the engine of Kubernetes nodes, twice over: fetched
+/// only (`ctr content fetch`: the blobs into containerd's content store, three at a time, each
+/// verified) and pulled (`ctr images pull`: the same, then the layers unpacked by the native
+/// snapshotter). `images rm --sync` empties the store between trials.
+async fn containerd_pulls(c: &Cold<'_>, report: &mut Report) {
+    push_engine_image(c.up).await;
+    let containerd = common::clients::Containerd::start().await;
+    let daemon = containerd.pid();
+    for (verb, what) in [
+        (
+            "content fetch",
+            "fetch (`ctr content fetch`: blobs into the content store)",
+        ),
+        (
+            "images pull",
+            "pull (`ctr images pull`: tar.gz layers unpacked by the native snapshotter)",
+        ),
+    ] {
+        let runs = rotate_cold(c, "containerd", async |base: &str, _: &Path| {
+            let name = format!("{}/bench/docker:latest", base.trim_start_matches("http://"));
+            let cpu = || tree_cpu_secs(daemon) + reaped_cpu_secs("self");
+            let before = cpu();
+            let t = Instant::now();
+            // `--debug` turns off ctr's progress display, which would round each pull up to
+            // its next 100 ms tick.
+            let mut args = vec!["--debug"];
+            args.extend(verb.split(' '));
+            args.push("--plain-http");
+            if verb == "images pull" {
+                args.extend(["--snapshotter", "native"]);
+            }
+            args.push(&name);
+            containerd.run(&args).await;
+            let secs = t.elapsed().as_secs_f64();
+            let used = cpu() - before;
+            containerd.remove(&name).await;
+            (secs, used)
+        })
+        .await;
+        report_client_pulls(
+            report,
+            format!(
+                "Cold containerd {what}, the same layer sizes, median of {}; wall time",
+                c.k.pulls
+            ),
+            &format!("containerd {verb}"),
+            "containerd + ctr",
+            &runs,
+        );
+    }
+}
+
 fn report_client_pulls(
     report: &mut Report,
     what: String,

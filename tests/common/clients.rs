@@ -536,6 +536,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn cmd(&self) -> Command {
         let d = self.dir.path();
         let mut c = Command::new(&self.ctr);
