@@ -1203,7 +1203,7 @@ fn floor_row(dir: &Path, img: &Img, pulled: &PullMedians, report: &mut Report) {
             with_net / d,
             pulled.regcache_wall / d
         ),
-        target: "(info: what row 3's target leaves a proxy)".into(),
+        target: "(info: what the 1.1x target leaves a proxy)".into(),
         met: None,
     });
 }

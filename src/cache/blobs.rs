@@ -160,32 +160,35 @@ impl Store {
         if let Some(c) = self.inner.open.get(digest) {
             return Ok(Some(c));
         }
-        let path = self.path(digest);
-        let opened = blocking(move || match File::open(&path) {
-            Ok(f) => {
-                let size = f.metadata()?.len();
-                let mapped = match size {
-                    1..=MAPPED_MAX => Some(Bytes::from_owner(super::Mapping::new(
-                        &f,
-                        0,
-                        size as usize,
-                    )?)),
-                    _ => None,
-                };
-                Ok(Some(Committed {
-                    file: Arc::new(f),
+        let (path, key, open) = (self.path(digest), digest.clone(), self.inner.open.clone());
+        blocking(move || {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let size = file.metadata()?.len();
+            if !(1..=MAPPED_MAX).contains(&size) {
+                return Ok(Some(Committed {
+                    file: Arc::new(file),
                     size,
-                    mapped,
-                }))
+                    mapped: None,
+                }));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            // One mapping per blob, however many requests open it at once: the first maps
+            // it, the others wait for it (on their blocking threads) and share it.
+            open.try_get_with(key, || {
+                let mapped = Bytes::from_owner(super::Mapping::new(&file, 0, size as usize)?);
+                Ok(Committed {
+                    file: Arc::new(file),
+                    size,
+                    mapped: Some(mapped),
+                })
+            })
+            .map(Some)
+            .map_err(|e: Arc<io::Error>| io::Error::new(e.kind(), e.to_string()))
         })
-        .await?;
-        if let Some(c) = opened.as_ref().filter(|c| c.mapped.is_some()) {
-            self.inner.open.insert(digest.clone(), c.clone());
-        }
-        Ok(opened)
+        .await
     }
 
     /// Whether committed content exists.
@@ -415,5 +418,34 @@ mod tests {
             store.open_blob(&d).await.unwrap().is_none(),
             "closed once removed"
         );
+    }
+
+    /// Requests that first open a small blob at the same moment (a restart, then a fleet
+    /// pulling the same layer) share one mapping: each its own would each bring the whole
+    /// blob into RSS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_opens_share_one_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = Bytes::from(vec![9u8; 3_000_000]);
+        let d = Digest::sha256_of(&data);
+        store.write_small(&d, data.clone()).await.unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(32));
+        let opens: Vec<_> = (0..32)
+            .map(|_| {
+                let (store, d, start) = (store.clone(), d.clone(), Arc::clone(&start));
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store.open_blob(&d).await.unwrap().unwrap()
+                })
+            })
+            .collect();
+        let mut mappings = std::collections::HashSet::new();
+        for open in opens {
+            let blob = open.await.unwrap();
+            assert_eq!(blob.mapped.as_deref(), Some(&data[..]));
+            mappings.insert(blob.mapped.as_ref().map(|m| m.as_ptr() as usize));
+        }
+        assert_eq!(mappings.len(), 1, "32 concurrent opens, one mapping");
     }
 }
