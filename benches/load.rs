@@ -16,7 +16,7 @@
 //! `BENCH_ONLY` a comma-separated subset of the sections `cold` (coalescing, cross-repo),
 //! `pull` (cold single pull), `skopeo` (the same image pulled by skopeo), `docker` (the same
 //! layer sizes pulled by the Docker daemon: needs root and docker.io), `containerd` (the same
-//! by `ctr images pull`: needs root and containerd), `link` (the same
+//! fetched and pulled by containerd's `ctr`: needs root and containerd), `link` (the same
 //! pull from an upstream behind a rate-limited link, in a network namespace: needs root), `rss` (peak RSS), `blob` (hot blobs), `manifest`
 //! (hot tag manifests) and `s3` (S3 vs local storage: cold fill, cold from the bucket, upload
 //! lag, hot blob, two replicas missing at once), `hot` meaning `rss`, `blob` and `manifest`;
