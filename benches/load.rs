@@ -321,6 +321,9 @@ async fn run(k: Knobs) {
         skopeo_pulls(&cold, &mut report).await;
     }
     // ---- 3b. the same layer sizes pulled by the Docker daemon ----------------------------------
+    if k.want("docker") || k.want("containerd") {
+        push_engine_image(&up).await;
+    }
     if k.want("docker") {
         step(&format!(
             "cold pull of 98 MiB of tar.gz layers by the Docker daemon, {} trials",
@@ -1369,7 +1372,6 @@ async fn skopeo_pulls(c: &Cold<'_>, report: &mut Report) {
 /// a fresh distribution proxy, in rotating order, then removes the image so the next trial
 /// downloads and unpacks every layer again.
 async fn docker_pulls(c: &Cold<'_>, report: &mut Report) {
-    push_engine_image(c.up).await;
     let docker = common::clients::Dockerd::start_config("{}", &[]).await;
     let daemon = docker.pid();
     let runs = rotate_cold(c, "docker", async |base: &str, _: &Path| {
@@ -1399,7 +1401,7 @@ async fn docker_pulls(c: &Cold<'_>, report: &mut Report) {
 /// [`report_pulls`] for a real client: `runs` as [`rotate_cold`] returns them, each trial's
 /// result the wall seconds and the client's CPU seconds.
 /// Pushes `bench/docker:latest` to `up`: the layer sizes of `bench/pull` as real tar.gz layers,
-/// which an engine unpacks.
+/// which an engine unpacks (the `docker` and `containerd` sections pull it).
 async fn push_engine_image(up: &str) {
     let layers = [(50, 64), (51, 24), (52, 8), (53, 2)]
         .map(|(seed, mib)| common::Layer::new(seed, mib * MIB))
@@ -1413,7 +1415,6 @@ async fn push_engine_image(up: &str) {
 /// verified) and pulled (`ctr images pull`: the same, then the layers unpacked by the native
 /// snapshotter). `images rm --sync` empties the store between trials.
 async fn containerd_pulls(c: &Cold<'_>, report: &mut Report) {
-    push_engine_image(c.up).await;
     let containerd = common::clients::Containerd::start().await;
     let daemon = containerd.pid();
     for (verb, what) in [
