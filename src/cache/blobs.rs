@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use moka::ops::compute::Op;
+use std::os::unix::fs::MetadataExt as _;
 
 use crate::oci::digest::Digest;
 
@@ -177,16 +179,28 @@ impl Store {
             }
             // One mapping per blob, however many requests open it at once: the first maps
             // it, the others wait for it (on their blocking threads) and share it.
-            open.try_get_with(key, || {
-                let mapped = Bytes::from_owner(super::Mapping::new(&file, 0, size as usize)?);
-                Ok(Committed {
-                    file: Arc::new(file),
-                    size,
-                    mapped: Some(mapped),
+            let kept = open
+                .try_get_with_by_ref(&key, || {
+                    let mapped = Bytes::from_owner(super::Mapping::new(&file, 0, size as usize)?);
+                    Ok(Committed {
+                        file: Arc::new(file),
+                        size,
+                        mapped: Some(mapped),
+                    })
                 })
-            })
-            .map(Some)
-            .map_err(|e: Arc<io::Error>| io::Error::new(e.kind(), e.to_string()))
+                .map_err(|e: Arc<io::Error>| io::Error::new(e.kind(), e.to_string()))?;
+            // Removed since it was opened: [`Store::remove`] unlinks, then closes what is
+            // kept open, so a mapping kept after that close is of an unlinked file. Checked
+            // once it is kept, it is closed here instead, and the blob is gone.
+            if kept.file.metadata()?.nlink() == 0 {
+                open.entry_by_ref(&key)
+                    .and_compute_with(|entry| match entry {
+                        Some(e) if Arc::ptr_eq(&e.value().file, &kept.file) => Op::Remove,
+                        _ => Op::Nop,
+                    });
+                return Ok(None);
+            }
+            Ok(Some(kept))
         })
         .await
     }
@@ -260,9 +274,16 @@ impl Store {
 
     /// Removes committed content (after corruption is found, or by eviction).
     pub async fn remove(&self, digest: &Digest) -> io::Result<()> {
-        // Closed and unmapped too, so the disk space is freed (a reader still sending it
-        // keeps its own handle until done).
+        let unlinked = self.unlink(digest).await;
+        // Then closed and unmapped too, so the disk space is freed (a reader still sending it
+        // keeps its own handle until done). After the unlink: an open racing this one sees
+        // the file unlinked once it has kept it (see `open_blob`), or is closed here.
         self.inner.open.invalidate(digest);
+        unlinked
+    }
+
+    /// Unlinks committed content and uncounts it.
+    async fn unlink(&self, digest: &Digest) -> io::Result<()> {
         let path = self.path(digest);
         let size = match tokio::fs::metadata(&path).await {
             Ok(m) => m.len(),
@@ -447,5 +468,40 @@ mod tests {
             mappings.insert(blob.mapped.as_ref().map(|m| m.as_ptr() as usize));
         }
         assert_eq!(mappings.len(), 1, "32 concurrent opens, one mapping");
+    }
+
+    /// A small blob removed while it is first opened is not kept open: once both are done, it
+    /// is gone (no mapping of the unlinked file held, its space not kept, nothing served).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_blob_removed_while_first_opened_is_not_kept_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = Bytes::from(vec![5u8; 1_000_000]);
+        let d = Digest::sha256_of(&data);
+        for _ in 0..300 {
+            store.write_small(&d, data.clone()).await.unwrap();
+            let start = Arc::new(tokio::sync::Barrier::new(2));
+            let open = {
+                let (store, d, start) = (store.clone(), d.clone(), Arc::clone(&start));
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store.open_blob(&d).await.unwrap()
+                })
+            };
+            start.wait().await;
+            store.remove(&d).await.unwrap();
+            let opened = open.await.unwrap();
+            if let Some(c) = &opened {
+                assert_eq!(
+                    c.mapped.as_deref(),
+                    Some(&data[..]),
+                    "opened before removal"
+                );
+            }
+            assert!(
+                store.open_blob(&d).await.unwrap().is_none(),
+                "removed, so not served from a mapping kept open"
+            );
+        }
     }
 }
