@@ -164,43 +164,46 @@ impl Store {
         }
         let (path, key, open) = (self.path(digest), digest.clone(), self.inner.open.clone());
         blocking(move || {
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let size = file.metadata()?.len();
-            if !(1..=MAPPED_MAX).contains(&size) {
-                return Ok(Some(Committed {
-                    file: Arc::new(file),
-                    size,
-                    mapped: None,
-                }));
-            }
-            // One mapping per blob, however many requests open it at once: the first maps
-            // it, the others wait for it (on their blocking threads) and share it.
-            let kept = open
-                .try_get_with_by_ref(&key, || {
-                    let mapped = Bytes::from_owner(super::Mapping::new(&file, 0, size as usize)?);
-                    Ok(Committed {
+            // A kept file can have been unlinked since it was opened: removed (see
+            // `Store::remove`), or replaced by the same content committed again. It is closed
+            // here, and the path opened again; each retry needs another unlink meanwhile.
+            for _ in 0..3 {
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let size = file.metadata()?.len();
+                if !(1..=MAPPED_MAX).contains(&size) {
+                    return Ok(Some(Committed {
                         file: Arc::new(file),
                         size,
-                        mapped: Some(mapped),
+                        mapped: None,
+                    }));
+                }
+                // One mapping per blob, however many requests open it at once: the first
+                // maps it, the others wait for it (on their blocking threads) and share it.
+                let kept = open
+                    .try_get_with_by_ref(&key, || {
+                        let mapped =
+                            Bytes::from_owner(super::Mapping::new(&file, 0, size as usize)?);
+                        Ok(Committed {
+                            file: Arc::new(file),
+                            size,
+                            mapped: Some(mapped),
+                        })
                     })
-                })
-                .map_err(|e: Arc<io::Error>| io::Error::new(e.kind(), e.to_string()))?;
-            // Removed since it was opened: [`Store::remove`] unlinks, then closes what is
-            // kept open, so a mapping kept after that close is of an unlinked file. Checked
-            // once it is kept, it is closed here instead, and the blob is gone.
-            if kept.file.metadata()?.nlink() == 0 {
+                    .map_err(|e: Arc<io::Error>| io::Error::new(e.kind(), e.to_string()))?;
+                if kept.file.metadata()?.nlink() > 0 {
+                    return Ok(Some(kept));
+                }
                 open.entry_by_ref(&key)
                     .and_compute_with(|entry| match entry {
                         Some(e) if Arc::ptr_eq(&e.value().file, &kept.file) => Op::Remove,
                         _ => Op::Nop,
                     });
-                return Ok(None);
             }
-            Ok(Some(kept))
+            Ok(None)
         })
         .await
     }
@@ -252,7 +255,10 @@ impl Store {
         let size = temp.file.metadata()?.len();
         fs::rename(&temp.path, &dest)?;
         temp.committed = true;
-        if !existed {
+        if existed {
+            // The file it replaced is unlinked: close it if kept open, so its space is freed.
+            self.inner.open.invalidate(digest);
+        } else {
             self.inner.bytes.fetch_add(size, Ordering::Relaxed);
             self.inner.objects.fetch_add(1, Ordering::Relaxed);
         }
@@ -404,10 +410,10 @@ mod tests {
         assert_eq!(reopened.usage(), (0, 0));
     }
 
-    /// A small blob stays open and mapped whole between requests, until it is removed; a
-    /// large or empty one is opened for each request and never mapped whole.
+    /// A small blob stays open and mapped whole between requests, until it is removed or
+    /// replaced; a large or empty one is opened for each request and never mapped whole.
     #[tokio::test]
-    async fn small_blobs_stay_open_and_mapped_until_removed() {
+    async fn small_blobs_stay_open_and_mapped_until_removed_or_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let small = Bytes::from(vec![7u8; 10_000]);
@@ -434,6 +440,15 @@ mod tests {
             assert!(!Arc::ptr_eq(&x.file, &y.file), "opened per request");
         }
         let d = Digest::sha256_of(&small);
+        // The same content committed again replaces the file: the replaced one is closed.
+        store.write_small(&d, small.clone()).await.unwrap();
+        let c = open(&small).await;
+        assert_eq!(c.file.metadata().unwrap().nlink(), 1, "the file now linked");
+        assert_eq!(c.mapped.as_deref(), Some(&small[..]));
+        assert!(
+            !Arc::ptr_eq(&a.file, &c.file),
+            "the replaced file is closed"
+        );
         store.remove(&d).await.unwrap();
         assert!(
             store.open_blob(&d).await.unwrap().is_none(),
