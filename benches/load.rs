@@ -20,8 +20,10 @@
 //! pull from an upstream behind a rate-limited link, in a network namespace: needs root), `rss` (peak RSS), `blob` (hot blobs), `manifest`
 //! (hot tag manifests) and `s3` (S3 vs local storage: cold fill, cold from the bucket, upload
 //! lag, hot blob, two replicas missing at once), `hot` meaning `rss`, `blob` and `manifest`;
-//! `BENCH_WRAP` a command prefix for the regcache processes, for profiling (e.g.
-//! `BENCH_WRAP="strace -f -c -o /tmp/rc.strace"`; the RSS figures then are the wrapper's).
+//! `BENCH_WRAP` a command prefix for the regcache processes, for profiling, with `{port}`
+//! replaced by each one's port: the cold sections start a fresh regcache per trial (e.g.
+//! `BENCH_WRAP="perf record -g -o /tmp/rc.{port}.data --"`; the RSS and per-pull CPU figures
+//! then are the wrapper's).
 //! Everything listens on 127.0.0.1 or, for `link`, in a network namespace the bench creates;
 //! nothing talks to a public registry.
 //!
@@ -1964,10 +1966,11 @@ async fn start_regcache_with(dir: &Path, upstream: &str, extra: &str) -> Srv {
         ),
     )
     .unwrap();
+    // `{port}` tells apart the outputs of the processes a run starts (a fresh one per trial).
     let wrap: Vec<String> = std::env::var("BENCH_WRAP")
         .unwrap_or_default()
         .split_whitespace()
-        .map(str::to_owned)
+        .map(|w| w.replace("{port}", &port.to_string()))
         .collect();
     let mut cmd = match wrap.split_first() {
         Some((prog, args)) => {
