@@ -1400,8 +1400,6 @@ async fn docker_pulls(c: &Cold<'_>, report: &mut Report) {
     );
 }
 
-/// [`report_pulls`] for a real client: `runs` as [`rotate_cold`] returns them, each trial's
-/// result the wall seconds and the client's CPU seconds.
 /// Pushes `bench/docker:latest` to `up`: the layer sizes of `bench/pull` as real tar.gz layers,
 /// which an engine unpacks (the `docker` and `containerd` sections pull it).
 async fn push_engine_image(up: &str) {
@@ -1419,13 +1417,16 @@ async fn push_engine_image(up: &str) {
 async fn containerd_pulls(c: &Cold<'_>, report: &mut Report) {
     let containerd = common::clients::Containerd::start().await;
     let daemon = containerd.pid();
-    for (verb, what) in [
+    // (ctr's command and its options, what the row calls it)
+    let fetch: &[&str] = &["content", "fetch"];
+    let pull: &[&str] = &["images", "pull", "--snapshotter", "native"];
+    for (command, what) in [
         (
-            "content fetch",
+            fetch,
             "fetch (`ctr content fetch`: blobs into the content store)",
         ),
         (
-            "images pull",
+            pull,
             "pull (`ctr images pull`: tar.gz layers unpacked by the native snapshotter)",
         ),
     ] {
@@ -1437,12 +1438,8 @@ async fn containerd_pulls(c: &Cold<'_>, report: &mut Report) {
             // `--debug` turns off ctr's progress display, which would round each pull up to
             // its next 100 ms tick.
             let mut args = vec!["--debug"];
-            args.extend(verb.split(' '));
-            args.push("--plain-http");
-            if verb == "images pull" {
-                args.extend(["--snapshotter", "native"]);
-            }
-            args.push(&name);
+            args.extend(command);
+            args.extend(["--plain-http", &name]);
             containerd.run(&args).await;
             let secs = t.elapsed().as_secs_f64();
             let used = cpu() - before;
@@ -1456,13 +1453,15 @@ async fn containerd_pulls(c: &Cold<'_>, report: &mut Report) {
                 "Cold containerd {what}, the same layer sizes, median of {}; wall time",
                 c.k.pulls
             ),
-            &format!("containerd {verb}"),
+            &format!("containerd {}", command[..2].join(" ")),
             "containerd + ctr",
             &runs,
         );
     }
 }
 
+/// [`report_pulls`] for a real client: `runs` as [`rotate_cold`] returns them, each trial's
+/// result the wall seconds and the client's CPU seconds.
 fn report_client_pulls(
     report: &mut Report,
     what: String,

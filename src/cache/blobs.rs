@@ -456,6 +456,19 @@ mod tests {
         );
     }
 
+    /// A task that opens `d` as soon as everyone waiting on `start` is there.
+    fn open_at(
+        store: &Store,
+        d: &Digest,
+        start: &Arc<tokio::sync::Barrier>,
+    ) -> tokio::task::JoinHandle<Option<Committed>> {
+        let (store, d, start) = (store.clone(), d.clone(), Arc::clone(start));
+        tokio::spawn(async move {
+            start.wait().await;
+            store.open_blob(&d).await.unwrap()
+        })
+    }
+
     /// Requests that first open a small blob at the same moment (a restart, then a fleet
     /// pulling the same layer) share one mapping: each its own would each bring the whole
     /// blob into RSS.
@@ -467,18 +480,10 @@ mod tests {
         let d = Digest::sha256_of(&data);
         store.write_small(&d, data.clone()).await.unwrap();
         let start = Arc::new(tokio::sync::Barrier::new(32));
-        let opens: Vec<_> = (0..32)
-            .map(|_| {
-                let (store, d, start) = (store.clone(), d.clone(), Arc::clone(&start));
-                tokio::spawn(async move {
-                    start.wait().await;
-                    store.open_blob(&d).await.unwrap().unwrap()
-                })
-            })
-            .collect();
+        let opens: Vec<_> = (0..32).map(|_| open_at(&store, &d, &start)).collect();
         let mut mappings = std::collections::HashSet::new();
         for open in opens {
-            let blob = open.await.unwrap();
+            let blob = open.await.unwrap().unwrap();
             assert_eq!(blob.mapped.as_deref(), Some(&data[..]));
             mappings.insert(blob.mapped.as_ref().map(|m| m.as_ptr() as usize));
         }
@@ -496,13 +501,7 @@ mod tests {
         for _ in 0..300 {
             store.write_small(&d, data.clone()).await.unwrap();
             let start = Arc::new(tokio::sync::Barrier::new(2));
-            let open = {
-                let (store, d, start) = (store.clone(), d.clone(), Arc::clone(&start));
-                tokio::spawn(async move {
-                    start.wait().await;
-                    store.open_blob(&d).await.unwrap()
-                })
-            };
+            let open = open_at(&store, &d, &start);
             start.wait().await;
             store.remove(&d).await.unwrap();
             let opened = open.await.unwrap();
