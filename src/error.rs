@@ -183,8 +183,18 @@ impl Error {
     /// The OCI error response. Internal details stay in the log, not the body.
     pub fn to_response(&self, head_only: bool) -> Response<Body> {
         let (code, status) = self.code_and_status();
-        let message = match self.origin() {
-            Origin::Storage | Origin::Internal => "internal error; see the regcache log".to_owned(),
+        let message = match (self.root(), self.origin()) {
+            // A credential helper's or file's error can quote what it read: log only.
+            (
+                Error::Upstream {
+                    upstream,
+                    source: UpstreamError::Credentials(_),
+                },
+                _,
+            ) => format!("upstream {upstream}: credentials unavailable; see the regcache log"),
+            (_, Origin::Storage | Origin::Internal) => {
+                "internal error; see the regcache log".to_owned()
+            }
             _ => self.to_string(),
         };
         let body = serde_json::json!({

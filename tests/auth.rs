@@ -2,14 +2,18 @@
 //! 2.8) with token auth (trusting the in-process token server of `common::token` through its
 //! `rootcertbundle`) or htpasswd Basic auth. Credentials come from the config, a password file,
 //! a Docker credential helper on `PATH` (regcache then runs as a real subprocess), a Docker
-//! `config.json`, and per repository prefix.
+//! `config.json`, and per repository prefix. In-process fakes cover what a real registry cannot
+//! do on demand: a challenge from where a redirect led, a token endpoint that stalls.
 
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::fake::{Fake, FakeRegistry, Faults, respond};
 use common::image::Image;
 use common::token::{ADMIN, BasicRegistry, Helper, RegcacheProcess, TokenServer, basic};
 use common::{Meter, Regcache, Registry, error_code, get_manifest, pull, pull_as};
@@ -548,6 +552,200 @@ async fn docker_config_with_username_and_password_fields_and_an_http_key() {
             .iter()
             .all(|r| r.user.as_deref() == Some("bob"))
     );
+}
+
+// ---- what a real registry cannot do on demand (in-process fakes) ----
+
+/// The `Host` a fake was asked by: its own `host:port`, for challenges naming itself.
+fn host_of(parts: &common::fake::Parts) -> String {
+    parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_owned()
+}
+
+/// A 401 from the origin a blob redirect led to (a CDN) is not the upstream's challenge: the
+/// realm it names gets none of the upstream's configured credentials, and the client gets an
+/// error at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_from_a_redirect_target_gets_none_of_the_upstreams_credentials() {
+    // The CDN challenges everything with a realm of its own, and would hand out a token to
+    // anyone asking (so nothing but regcache's judgement keeps credentials from it).
+    let cdn = Fake::start(|parts| async move {
+        if parts.uri.path() == "/token" {
+            return respond(
+                200,
+                &[("content-type", "application/json")],
+                r#"{"token":"cdn-token","expires_in":300}"#,
+            );
+        }
+        let challenge = format!(
+            "Bearer realm=\"http://{}/token\",service=\"cdn\"",
+            host_of(&parts)
+        );
+        respond(401, &[("www-authenticate", &challenge)], "")
+    })
+    .await;
+    let carol = basic(CAROL.0, CAROL.1);
+    let up = FakeRegistry::start(Faults {
+        token_auth: true,
+        token_requires: Some(carol.clone()),
+        redirect_blobs_to: Some(cdn.url()),
+        ..Faults::default()
+    })
+    .await;
+    let img = Image::simple(33, 1);
+    up.add("team/app", "1", &img);
+    let cache = regcache_with(upstream(
+        &up.url(),
+        "username = \"carol\"\npassword = \"carol-secret\"\n",
+    ))
+    .await;
+
+    // The manifest leaves a token for the repository cached, so the blob GET goes out with it
+    // up front and the CDN's 401 is the first one that request sees.
+    let resp = get_manifest(&cache.url(), "team/app", "1").await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    assert!(
+        up.requests()
+            .iter()
+            .any(|s| s.path.starts_with("/token") && s.authorization.as_deref() == Some(&carol)),
+        "the credentials are configured and went to the upstream's own realm: {:?}",
+        brief(&up.requests())
+    );
+
+    let config = common::image::sha256(&img.config);
+    let stored = cache.stored_files();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        common::http()
+            .get(format!("{}/v2/team/app/blobs/{config}", cache.url()))
+            .send(),
+    )
+    .await
+    .expect("the blob GET is answered, not left hanging")
+    .unwrap();
+    let status = resp.status();
+    assert!(
+        status.is_client_error() || status.is_server_error(),
+        "{status}: {:?}",
+        resp.text().await
+    );
+    assert_eq!(cache.stored_files(), stored, "the blob was not stored");
+
+    let seen = cdn.requests();
+    assert!(
+        cdn.count("GET", &format!("/cdn/{config}")) >= 1,
+        "the redirect was followed to the CDN: {:?}",
+        brief(&seen)
+    );
+    assert_eq!(
+        cdn.count("GET", "/token"),
+        0,
+        "no token was asked of the CDN's realm: {:?}",
+        brief(&seen)
+    );
+    assert!(
+        seen.iter().all(|s| s.authorization.is_none()),
+        "nothing regcache sent the CDN carried an Authorization: {:?}",
+        brief(&seen)
+    );
+}
+
+/// A token endpoint that sends its headers and then never finishes its body fails the request
+/// after the upstream's `read_timeout`, and frees the upstream's only slot for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_body_that_stalls_times_out_and_frees_the_upstreams_slot() {
+    const TOKEN: &str = "slow-then-fine";
+    let img = Image::simple(34, 1);
+    let (media_type, manifest, digest) =
+        (img.media_type.clone(), img.manifest.clone(), img.digest());
+    let token_requests = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&token_requests);
+    let up = Fake::start(move |parts| {
+        let (media_type, manifest, digest) = (media_type.clone(), manifest.clone(), digest.clone());
+        let token_request =
+            (parts.uri.path() == "/token").then(|| counter.fetch_add(1, Ordering::SeqCst));
+        async move {
+            match token_request {
+                // The first token answer: headers promising 100 bytes, then nothing, ever.
+                Some(0) => {
+                    use http_body_util::BodyExt as _;
+                    let never = futures_util::stream::pending::<
+                        Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>,
+                    >();
+                    return http::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/json")
+                        .header("content-length", "100")
+                        .body(http_body_util::StreamBody::new(never).boxed())
+                        .unwrap();
+                }
+                Some(_) => {
+                    let body = format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#);
+                    return respond(200, &[("content-type", "application/json")], body);
+                }
+                None => {}
+            }
+            let authorized = parts
+                .headers
+                .get("authorization")
+                .is_some_and(|a| a.as_bytes() == format!("Bearer {TOKEN}").as_bytes());
+            if !authorized {
+                let challenge = format!(
+                    "Bearer realm=\"http://{}/token\",service=\"fake\"",
+                    host_of(&parts)
+                );
+                return respond(401, &[("www-authenticate", &challenge)], "");
+            }
+            if parts.uri.path().ends_with("/manifests/1") {
+                return respond(
+                    200,
+                    &[
+                        ("content-type", &media_type),
+                        ("docker-content-digest", &digest),
+                    ],
+                    manifest,
+                );
+            }
+            respond(404, &[], "")
+        }
+    })
+    .await;
+    let cache = Regcache::start(&up.url(), |c| {
+        let u = c.upstreams.get_mut("docker.io").unwrap();
+        u.read_timeout = Duration::from_secs(1);
+        u.max_concurrent = 1;
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        get_manifest(&cache.url(), "stall/app", "1"),
+    )
+    .await
+    .expect("answered within 10 s, not held forever by a token body that never ends");
+    let (status, code) = error_code(resp).await;
+    assert_eq!((status, code.as_str()), (504, "UNAVAILABLE"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "failed by read_timeout (1 s), not before: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(token_requests.load(Ordering::SeqCst), 1);
+
+    // Another repository: its own flight, but the same single upstream slot.
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        get_manifest(&cache.url(), "stall/other", "1"),
+    )
+    .await
+    .expect("the next request got the upstream's one slot");
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    assert_eq!(token_requests.load(Ordering::SeqCst), 2);
 }
 
 // ---- htpasswd Basic auth ----

@@ -1,7 +1,8 @@
 //! Upstream secrets stay secret: a password given through `password_env` (or inline) never
 //! shows in regcache's logs (at trace level), its metrics, or the error bodies clients get,
-//! neither in clear nor as the Basic credentials it is sent as. The upstream is a real
-//! `docker-registry` behind htpasswd.
+//! neither in clear nor as the Basic credentials it is sent as; what a failing credential
+//! helper prints stays out of error bodies too. The upstream is a real `docker-registry`
+//! behind htpasswd.
 
 mod common;
 
@@ -142,4 +143,77 @@ async fn an_upstream_password_never_shows_in_logs_metrics_or_error_bodies() {
     assert_eq!(blob.status(), 403);
     assert_clean("a blob error body", &blob.text().await.unwrap());
     assert_clean("the trace log of a refused pull", &refused.log());
+}
+
+/// What a credential helper prints when it fails can be a secret (helpers echo tokens, config
+/// and keychain dumps): clients get a plain "credentials unavailable", never the helper's
+/// output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_credential_helpers_output_never_reaches_clients() {
+    use std::os::unix::fs::PermissionsExt as _;
+    const LEAK: &str = "s3cr3t-from-helper";
+    let up = BasicRegistry::start(&[(USER, PASSWORD)]).await;
+    let img = Image::simple(831, 1);
+    up.push("corp/app", "1", &img).await;
+    let bin = tempfile::tempdir().unwrap();
+    let runs = bin.path().join("runs");
+    let helper = bin.path().join("docker-credential-leaky");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\necho run >> '{}'\necho '{LEAK} on stdout'\necho '{LEAK} on stderr' >&2\nexit 1\n",
+            runs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = std::env::join_paths(std::iter::once(bin.path().to_owned()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    let cache = Traced::start(
+        &format!(
+            "[upstreams.\"docker.io\"]\nurls = [\"{}\"]\ncredential_helper = \"leaky\"\n",
+            up.registry.url()
+        ),
+        &[("PATH", path.to_str().unwrap())],
+    )
+    .await;
+
+    let manifest = common::get_manifest(&cache.url(), "corp/app", "1").await;
+    let blob = common::http()
+        .get(format!(
+            "{}/v2/corp/app/blobs/{}",
+            cache.url(),
+            common::image::sha256(&img.config)
+        ))
+        .send()
+        .await
+        .unwrap();
+    for (what, resp) in [("manifest", manifest), ("blob", blob)] {
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        assert!(
+            !body.contains(LEAK),
+            "the {what} error body shows the helper's output: {body}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{what}: not an OCI error body ({e}): {body}"));
+        assert_eq!(
+            (status, v["errors"][0]["code"].as_str()),
+            (502, Some("UNAVAILABLE")),
+            "{what}: {body}"
+        );
+        assert!(
+            v["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("credentials")),
+            "{what}: the message says what is wrong: {body}"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(&runs).is_ok_and(|r| r.lines().count() >= 2),
+        "the helper ran for each request (so its failure is what was answered):\n{}",
+        cache.log()
+    );
 }

@@ -254,7 +254,7 @@ impl Upstream {
         &self,
         req: UpstreamRequest<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let permit = self.guard.admit().await.map_err(|r| match r {
+        let admission = self.guard.admit().await.map_err(|r| match r {
             Refusal::RateLimited(d) => UpstreamError::RateLimited(d),
             Refusal::CircuitOpen(d) => UpstreamError::CircuitOpen(d),
         })?;
@@ -265,6 +265,7 @@ impl Upstream {
             }
             Ok(resp) if resp.status().is_server_error() => Outcome::Failure,
             Err(e) if e.is_upstream_failure() => Outcome::Failure,
+            Err(UpstreamError::Credentials(_)) => Outcome::Neutral,
             _ => Outcome::Success,
         };
         let reason = match &result {
@@ -279,7 +280,8 @@ impl Upstream {
         if let Ok(resp) = &result {
             self.metrics.observe_ratelimit(&self.name, resp.headers());
         }
-        if let Some(state) = self.guard.record(outcome) {
+        let (permit, change) = admission.record(outcome);
+        if let Some(state) = change {
             self.metrics.set_breaker(&self.name, state);
             match state {
                 BreakerState::Open => {
@@ -351,7 +353,14 @@ impl Upstream {
             let resp = self
                 .send_failover(&req.method, &path, req.accept, authz.as_ref())
                 .await?;
-            if resp.status() != StatusCode::UNAUTHORIZED || self.pass_client_auth || retried {
+            // A 401 from where a redirect led (a CDN, a storage bucket) is not this registry's
+            // challenge: its realm must not get this upstream's credentials.
+            let foreign = resp.extensions().get::<ForeignOrigin>().is_some();
+            if resp.status() != StatusCode::UNAUTHORIZED
+                || self.pass_client_auth
+                || retried
+                || foreign
+            {
                 return Ok(resp);
             }
             retried = true;
@@ -449,9 +458,12 @@ impl Upstream {
                 return Err(token_err(format!("answered {s}")));
             }
         }
-        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
+        // The exchange's deadline covers the headers only; a token endpoint that stalls in
+        // its body would otherwise hold this upstream's slot for good.
+        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE).collect();
+        let body = tokio::time::timeout(self.read_timeout, body)
             .await
+            .map_err(|_| UpstreamError::Timeout(self.read_timeout))?
             .map_err(|e| token_err(e.to_string()))?
             .to_bytes();
         let parsed: TokenResponse =
@@ -514,12 +526,14 @@ impl Upstream {
             let resp = self
                 .exchange(method, &url, accept, authz.filter(|_| same_origin))
                 .await?;
-            if !resp.status().is_redirection() {
+            if !resp.status().is_redirection() || !resp.headers().contains_key(header::LOCATION) {
+                let mut resp = resp;
+                if !same_origin {
+                    resp.extensions_mut().insert(ForeignOrigin);
+                }
                 return Ok(resp);
             }
-            let Some(loc) = resp.headers().get(header::LOCATION) else {
-                return Ok(resp);
-            };
+            let loc = &resp.headers()[header::LOCATION];
             let loc = loc
                 .to_str()
                 .map_err(|_| UpstreamError::BadRedirect("<binary>".into()))?;
@@ -577,6 +591,10 @@ impl Upstream {
         result
     }
 }
+
+/// Marks a response that came from another origin than the one asked, after a redirect.
+#[derive(Clone, Copy)]
+struct ForeignOrigin;
 
 fn join(base: &Url, path: &str) -> Result<Url, UpstreamError> {
     let mut s = base.as_str().trim_end_matches('/').to_owned();
