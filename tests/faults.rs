@@ -275,6 +275,85 @@ async fn a_stalled_revalidation_serves_the_cached_tag_after_revalidate_timeout()
     );
 }
 
+/// A tag past its TTL whose cached manifest is gone (purged, as eviction would) has nothing
+/// stale to serve: its slow revalidation is waited for past `revalidate_timeout`, and the
+/// client gets the manifest, not a 404 that is then negatively cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_revalidation_of_a_tag_whose_manifest_is_gone_is_waited_for() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    let img = Image::simple(22, 1);
+    up.add("library/app", "1", &img);
+    let cache = Regcache::start(&up.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(1);
+        c.cache.revalidate_timeout = Duration::from_millis(200);
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = format!("http://{}", cache.admin_addr.expect("admin listener"));
+    let resp = get_manifest(&cache.url(), "app", "1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        img.digest().as_str()
+    );
+
+    // Purging the manifest by digest removes its file, index entry and in-memory copy, and
+    // keeps the tag entry that names it.
+    let resp = http()
+        .delete(format!("{admin}/admin/purge?digest={}", img.digest()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let purged: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(purged["tags"], serde_json::json!([]));
+    assert_eq!(purged["objects"], serde_json::json!([img.digest()]));
+    assert!(!stored(cache.data.path(), &img.digest()));
+    let ls: serde_json::Value = http()
+        .get(format!("{admin}/admin/ls?repo=library/app"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ls[0]["tag"], "1", "the tag entry is kept: {ls}");
+    assert_eq!(ls[0]["digest"], img.digest().as_str());
+
+    // Past the TTL, with a revalidation five times slower than revalidate_timeout.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let stall = Duration::from_secs(1);
+    up.set(|f| f.stall_head = Some(stall));
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        get_manifest(&cache.url(), "app", "1"),
+    )
+    .await
+    .expect("answered once the stalled HEAD did");
+    assert_eq!(resp.status(), 200, "the tag, not a 404");
+    assert!(
+        started.elapsed() >= stall,
+        "waited for the revalidation rather than give up at revalidate_timeout"
+    );
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        img.digest().as_str()
+    );
+    assert_eq!(resp.bytes().await.unwrap(), img.manifest);
+    assert_eq!(up.count("HEAD", "/manifests/1"), 1, "revalidated once");
+    assert_eq!(up.count("GET", "/manifests/1"), 2, "then fetched again");
+
+    // Nothing was negatively cached: the next request gets the tag too.
+    up.set(|f| f.stall_head = None);
+    let resp = get_manifest(&cache.url(), "app", "1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        img.digest().as_str()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_with_several_urls_fails_over_to_the_next() {
     let up = FakeRegistry::start(Faults::default()).await;

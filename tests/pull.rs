@@ -376,6 +376,52 @@ async fn unknown_things_get_oci_errors() {
     );
 }
 
+/// A client whose `Accept` leaves out the OCI index type gets upstream's 404 for an index tag,
+/// and that 404 is not negatively cached: a client taking every type then gets the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrow_accept_404_does_not_hide_the_tag_from_other_clients() {
+    let s = setup(|_| {}).await;
+    let amd = Image::new(OCI_MANIFEST, "amd64", vec![Layer::new(91, 3000)]);
+    let arm = Image::new(OCI_MANIFEST, "arm64", vec![Layer::new(92, 3000)]);
+    let index = Image::index(OCI_INDEX, vec![amd, arm]);
+    s.registry.push("narrow/app", "1", &index).await;
+    let base = s.cache.url();
+
+    // distribution 2.8 answers an OCI index asked for as a Docker v2 manifest alone with 404
+    // MANIFEST_UNKNOWN ("OCI index found, but accept header does not support OCI indexes").
+    let resp = http()
+        .get(format!("{base}/v2/narrow/app/manifests/1"))
+        .header("accept", DOCKER_V2)
+        .send()
+        .await
+        .unwrap();
+    let (status, code) = common::error_code(resp).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    assert_eq!(
+        s.meter.count("GET", "/manifests/1"),
+        1,
+        "the narrow request was upstream's to answer"
+    );
+
+    let resp = get_manifest(&base, "narrow/app", "1").await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "a client taking every type is not refused by the narrow client's 404"
+    );
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        index.digest().as_str()
+    );
+    assert_eq!(resp.headers()["content-type"], OCI_INDEX);
+    assert_eq!(resp.bytes().await.unwrap(), index.manifest);
+    assert_eq!(
+        s.meter.count("GET", "/manifests/1"),
+        2,
+        "asked upstream, not answered from a negative cache"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_list_is_passed_through_and_briefly_cached() {
     let s = setup(|_| {}).await;

@@ -66,8 +66,11 @@ impl Proxy {
                     )));
                 }
                 let result = self.tagged_manifest(t, tag, client).await;
+                // Only a 404 to a request that took every type says the tag is missing: a
+                // narrow `Accept` gets 404 for a tag of another type (an index, say).
                 if let Err(e) = &result
                     && matches!(e.root(), Error::ManifestUnknown(_))
+                    && takes_every_type(client)
                 {
                     self.missing_tags.insert(key, ());
                 }
@@ -101,15 +104,7 @@ impl Proxy {
         let up = &t.upstream.name;
         let reference = Reference::Tag(tag.clone());
         // A client that cannot take every modern type gets what upstream picks for it, uncached.
-        let takes_all = [
-            media_type::OCI_INDEX,
-            media_type::DOCKER_MANIFEST_LIST,
-            media_type::OCI_MANIFEST,
-            media_type::DOCKER_MANIFEST_V2,
-        ]
-        .iter()
-        .all(|mt| media_type::accepts([client.accept.as_str()], mt));
-        if !takes_all {
+        if !takes_every_type(client) {
             return self.fetch(t, &reference, &client.accept, client).await;
         }
         let Some(entry) = self.index.tag(up, &t.repo, tag)? else {
@@ -120,12 +115,14 @@ impl Proxy {
         };
         let cache = &self.config.cache;
         let age = entry.age(SystemTime::now());
+        let cached = self.load_manifest(up, &digest).await?;
         if age < cache.tag_ttl
-            && let Some(m) = self.load_manifest(up, &digest).await?
+            && let Some(m) = &cached
         {
-            return Ok((m, CacheResult::Hit));
+            return Ok((Arc::clone(m), CacheResult::Hit));
         }
-        let may_serve_stale = age < cache.tag_ttl + cache.max_stale;
+        // A tag whose manifest was evicted has nothing stale to give: it waits for upstream.
+        let may_serve_stale = cached.is_some() && age < cache.tag_ttl + cache.max_stale;
         let key = (
             up.clone(),
             t.repo.clone(),
@@ -146,21 +143,19 @@ impl Proxy {
         } else {
             Some(flight.await)
         };
-        let digest = entry.digest().expect("checked above");
+        let stale = |why: &str| {
+            let m = cached.clone().expect("stale only when cached");
+            serve_stale(t, tag, m, age, why)
+        };
         match outcome {
-            None => {
-                let why = format!(
-                    "revalidation took longer than {:?}",
-                    cache.revalidate_timeout
-                );
-                self.serve_stale(t, tag, &digest, age, &why).await
-            }
-            Some((Ok(Revalidation::Unchanged), _)) => {
-                match self.load_manifest(up, &digest).await? {
-                    Some(m) => Ok((m, CacheResult::Revalidated)),
-                    None => self.fetch(t, &reference, UPSTREAM_ACCEPT, client).await,
-                }
-            }
+            None => Ok(stale(&format!(
+                "revalidation took longer than {:?}",
+                cache.revalidate_timeout
+            ))),
+            Some((Ok(Revalidation::Unchanged), _)) => match &cached {
+                Some(m) => Ok((Arc::clone(m), CacheResult::Revalidated)),
+                None => self.fetch(t, &reference, UPSTREAM_ACCEPT, client).await,
+            },
             Some((Ok(Revalidation::Changed(m)), joined)) => Ok((
                 m,
                 if joined {
@@ -169,25 +164,8 @@ impl Proxy {
                     CacheResult::Miss
                 },
             )),
-            Some((Err(e), _)) if may_serve_stale && serves_stale(&e) => {
-                self.serve_stale(t, tag, &digest, age, &e.to_string()).await
-            }
+            Some((Err(e), _)) if may_serve_stale && serves_stale(&e) => Ok(stale(&e.to_string())),
             Some((Err(e), _)) => Err(Error::Shared(e)),
-        }
-    }
-
-    async fn serve_stale(
-        &self,
-        t: &Target,
-        tag: &Tag,
-        digest: &Digest,
-        age: std::time::Duration,
-        why: &str,
-    ) -> Result<(Arc<Manifest>, CacheResult)> {
-        tracing::warn!(upstream = %t.upstream.name, repo = %t.repo, %tag, age_s = age.as_secs(), reason = %why, "serving cached tag stale");
-        match self.load_manifest(&t.upstream.name, digest).await? {
-            Some(m) => Ok((m, CacheResult::Stale)),
-            None => Err(Error::ManifestUnknown(format!("{}:{tag}", t.repo))),
         }
     }
 
@@ -449,4 +427,29 @@ fn offline_miss(t: &Target, reference: &Reference) -> Error {
         "{}:{reference} is not cached and regcache is offline",
         t.repo
     ))
+}
+
+/// A cached tag's manifest served past its TTL because upstream did not answer in time.
+fn serve_stale(
+    t: &Target,
+    tag: &Tag,
+    m: Arc<Manifest>,
+    age: std::time::Duration,
+    why: &str,
+) -> (Arc<Manifest>, CacheResult) {
+    tracing::warn!(upstream = %t.upstream.name, repo = %t.repo, %tag, age_s = age.as_secs(), reason = %why, "serving cached tag stale");
+    (m, CacheResult::Stale)
+}
+
+/// Whether the client takes every modern manifest type, so that upstream's answer to
+/// [`UPSTREAM_ACCEPT`] suits it and can be cached.
+fn takes_every_type(client: &ClientInfo) -> bool {
+    [
+        media_type::OCI_INDEX,
+        media_type::DOCKER_MANIFEST_LIST,
+        media_type::OCI_MANIFEST,
+        media_type::DOCKER_MANIFEST_V2,
+    ]
+    .iter()
+    .all(|mt| media_type::accepts([client.accept.as_str()], mt))
 }
