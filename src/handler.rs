@@ -343,12 +343,13 @@ async fn dispatch<B>(
             let answer = proxy.blob(&t, &digest, head, &client).await?;
             span.record("cache", answer.cache.as_str());
             served.cache = Some(answer.cache);
-            // A passed-through body is the whole blob (a server may ignore Range).
+            // A passed-through body is the whole blob (a server may ignore Range), and only
+            // GET has ranges (RFC 9110, 14.2): HEAD describes the whole blob.
             let range_header = req
                 .headers()
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok())
-                .filter(|_| !matches!(answer.body, BlobBody::Passthrough(_)));
+                .filter(|_| !head && !matches!(answer.body, BlobBody::Passthrough(_)));
             let mut resp = Response::builder()
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .header(DIGEST_HEADER, digest.to_string())

@@ -469,3 +469,192 @@ async fn a_failing_upstream_trips_the_breaker_and_clients_get_fast_answers() {
     assert_eq!(pull(&cache.url(), "other", "1").await, other.digest());
     assert_eq!(pull(&cache.url(), "app", "1").await, cached.digest());
 }
+
+/// A range of a cold blob is held back by its last byte until the whole blob's digest is
+/// checked: sent corrupted, the 206 body is cut short; sent intact, it arrives byte-exact, and
+/// only once upstream has sent the last byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_a_cold_blob_completes_only_once_the_digest_is_verified() {
+    // Four pieces: bytes 0-99 are in the first, the flipped middle byte in the third.
+    let faults = Faults {
+        corrupt: true,
+        drip: Some((4, Duration::from_millis(150))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 80, 256 << 10).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    let resp = http()
+        .get(&url)
+        .header("range", "bytes=0-99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        206,
+        "headers go out before the body is checked"
+    );
+    // Aborted (an error reading the body, or a short body) is what a client must see.
+    let got = resp.bytes().await.map_or(0, |b| b.len());
+    assert!(
+        got < 100,
+        "a range of a corrupted blob completed: {got} bytes"
+    );
+    assert_eq!(cache.stored_files(), 0, "nothing kept");
+    assert_eq!(up.count("GET", &layer), 1);
+
+    up.set(|f| f.corrupt = false);
+    let completed = up.load.blobs_completed.load(SeqCst);
+    let resp = http()
+        .get(&url)
+        .header("range", "bytes=0-99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes 0-99/{}", img.layers[0].blob.len())
+    );
+    let body = resp.bytes().await.expect("an intact range completes");
+    assert_eq!(body, img.layers[0].blob.slice(0..100));
+    assert_eq!(
+        up.load.blobs_completed.load(SeqCst),
+        completed + 1,
+        "the range completed only after upstream sent the last byte"
+    );
+    assert_eq!(up.count("GET", &layer), 2);
+}
+
+/// Upstream answering `200` with no bytes for a non-empty digest gets the client an OCI error,
+/// not an empty `200`, and nothing is cached: the next request asks upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_answer_for_a_non_empty_blob_is_an_error_and_not_kept() {
+    let faults = Faults {
+        empty_blobs: true,
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 81, 64 << 10).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+
+    // Each attempt is a fill of its own: several, as the old failure (an empty 200) needed its
+    // request to see upstream's headers before the fill's digest check failed.
+    for attempt in 1..=4 {
+        let resp = http().get(&url).send().await.unwrap();
+        assert_ne!(resp.status(), 200, "an empty 200 for {layer}");
+        assert_eq!(error_code(resp).await, (502, "UNAVAILABLE".into()));
+        assert_eq!(
+            up.count("GET", &layer),
+            attempt,
+            "each request asked upstream"
+        );
+    }
+    assert_eq!(cache.stored_files(), 0, "nothing kept");
+
+    up.set(|f| f.empty_blobs = false);
+    assert_eq!(image::sha256(&get_all(&url).await.unwrap()), layer);
+    assert_eq!(up.count("GET", &layer), 5);
+}
+
+/// A request that joined a fill started for another repository, which upstream answered 404
+/// there, gets a fetch through its own repository instead of that 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_of_a_fill_that_failed_in_another_repository_fetches_its_own() {
+    let faults = Faults {
+        missing_blobs_in: Some(("library/nope".into(), Duration::from_millis(600))),
+        ..Faults::default()
+    };
+    let (up, img) = upstream_with_layer(faults, 82, 128 << 10).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let nope = format!("/v2/library/nope/blobs/{layer}");
+    let app = format!("/v2/library/app/blobs/{layer}");
+
+    // A starts the fill through `nope`; B asks through `app` while upstream sits on A's GET.
+    let a = tokio::spawn({
+        let url = format!("{}/v2/nope/blobs/{layer}", cache.url());
+        async move { http().get(&url).send().await.unwrap() }
+    });
+    let waited = std::time::Instant::now();
+    while up.count("GET", &nope) == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "A's GET reached upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = std::time::Instant::now();
+    let b = get_all(&blob_url(&cache, &layer)).await;
+    assert!(
+        sent.elapsed() > Duration::from_millis(300),
+        "B joined A's fill and waited for it to fail, not a fill of its own"
+    );
+    assert_eq!(
+        up.count("GET", &app),
+        1,
+        "B's fetch went through its own repository"
+    );
+
+    let a = a.await.unwrap();
+    assert_eq!(error_code(a).await, (404, "BLOB_UNKNOWN".into()));
+    assert_eq!(image::sha256(&b.expect("B gets the blob")), layer);
+    assert_eq!(up.count("GET", &nope), 1, "A's fill was asked once");
+    assert_eq!(up.count("GET", &layer), 2);
+}
+
+/// `HEAD` ignores `Range` (only GET has ranges): 200 with the whole blob's length and no
+/// `Content-Range`, for a blob on disk and for one that is not, however far the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_with_a_range_describes_the_whole_blob() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    let img = Image::new(
+        image::DOCKER_V2,
+        "amd64",
+        vec![Layer::new(83, 100 << 10), Layer::new(84, 50 << 10)],
+    );
+    up.add("library/app", "1", &img);
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let (cached, cold) = (&img.layers[0], &img.layers[1]);
+
+    let url = blob_url(&cache, &cached.digest());
+    assert_eq!(
+        image::sha256(&get_all(&url).await.unwrap()),
+        cached.digest()
+    );
+    Scrape::until(&cache.url(), |s| {
+        s.get("regcache_cache_objects", &[]) == 1.0
+            && s.get("regcache_fetches_in_flight", &[]) == 0.0
+    })
+    .await;
+
+    for (layer, cache_status) in [(cached, "regcache; hit"), (cold, "regcache; fwd=uri-miss")] {
+        let url = blob_url(&cache, &layer.digest());
+        for range in ["bytes=0-99", "bytes=99999999-"] {
+            let resp = http()
+                .head(&url)
+                .header("range", range)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "HEAD {range}");
+            let h = resp.headers();
+            assert_eq!(h["content-length"], layer.blob.len().to_string());
+            assert!(!h.contains_key("content-range"), "HEAD {range}");
+            assert_eq!(h["docker-content-digest"], layer.digest().as_str());
+            let status = h["cache-status"].to_str().unwrap();
+            assert!(status.starts_with(cache_status), "{status}");
+        }
+    }
+    assert_eq!(
+        up.count("HEAD", &cached.digest()),
+        0,
+        "the cached one is a hit"
+    );
+    assert_eq!(up.count("HEAD", &cold.digest()), 2);
+    assert_eq!(up.count("GET", &cold.digest()), 0, "a HEAD fetches nothing");
+}

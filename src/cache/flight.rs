@@ -158,13 +158,34 @@ impl Window {
 impl Fill {
     /// Waits until upstream answered: the blob's size if known, or the fill's error.
     pub async fn started(&self) -> Result<Option<u64>, Arc<Error>> {
+        self.until(|p| match p {
+            Progress::Connecting => None,
+            Progress::Streaming { size, .. } => Some(*size),
+            Progress::Done { size } => Some(Some(*size)),
+            Progress::Failed(_) => None,
+        })
+        .await
+    }
+
+    /// Waits until every byte is verified: the blob's size, or the fill's error.
+    pub async fn verified(&self) -> Result<u64, Arc<Error>> {
+        self.until(|p| match p {
+            Progress::Done { size } => Some(*size),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits until `ready` gives an answer, or the fill fails.
+    async fn until<T>(&self, ready: impl Fn(&Progress) -> Option<T>) -> Result<T, Arc<Error>> {
         let mut rx = self.progress.clone();
         loop {
-            match &*rx.borrow_and_update() {
-                Progress::Connecting => {}
-                Progress::Streaming { size, .. } => return Ok(*size),
-                Progress::Done { size } => return Ok(Some(*size)),
-                Progress::Failed(e) => return Err(Arc::clone(e)),
+            let answer = match &*rx.borrow_and_update() {
+                Progress::Failed(e) => Some(Err(Arc::clone(e))),
+                progress => ready(progress).map(Ok),
+            };
+            if let Some(answer) = answer {
+                return answer;
             }
             if rx.changed().await.is_err() {
                 return Err(Arc::new(Error::Internal("blob fill vanished".into())));
@@ -284,16 +305,17 @@ impl Reader {
             return None;
         }
         loop {
-            let (readable, on_disk, total) = match &mut self.progress {
-                None => (self.end.unwrap_or(0), self.end.unwrap_or(0), self.end),
+            // `verified`: the digest is checked (a committed blob's was before it was).
+            let (readable, on_disk, total, verified) = match &mut self.progress {
+                None => (self.end.unwrap_or(0), self.end.unwrap_or(0), self.end, true),
                 Some(rx) => match &*rx.borrow_and_update() {
-                    Progress::Connecting => (0, 0, None),
+                    Progress::Connecting => (0, 0, None, false),
                     Progress::Streaming {
                         readable,
                         on_disk,
                         size,
-                    } => (*readable, *on_disk, *size),
-                    Progress::Done { size } => (*size, *size, Some(*size)),
+                    } => (*readable, *on_disk, *size, false),
+                    Progress::Done { size } => (*size, *size, Some(*size), true),
                     Progress::Failed(e) => {
                         self.done = true;
                         return Some(Err(io::Error::other(e.to_string())));
@@ -304,10 +326,17 @@ impl Reader {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            if end.is_some_and(|e| self.pos >= e) {
+            // Until the digest is checked, this reader's last byte is held back (for a range
+            // too, and an empty answer does not end): no response completes with bytes that
+            // may turn out wrong.
+            if end.is_some_and(|e| self.pos >= e) && verified {
                 self.done = true;
                 return None;
             }
+            let readable = match end {
+                Some(e) if !verified => readable.min(e.saturating_sub(1)),
+                _ => readable,
+            };
             // A lent reader takes written bytes from the file, which costs no copy; the
             // window holds what the writer has not reached yet.
             let from_window = self.loans.is_none() || self.pos >= on_disk;
@@ -508,7 +537,16 @@ impl Fills {
                         _ => {}
                     }
                     tracing::warn!(upstream = %spec.upstream.name, digest = %spec.digest, error = %e, "blob fill failed; nothing cached");
-                    let _ = tx.send(Progress::Failed(Arc::new(e)));
+                    // A commit that fails after the digest check (a full disk) costs the cache,
+                    // not the readers: the verified bytes stay readable in the open temp file.
+                    let failed = Arc::new(e);
+                    tx.send_if_modified(|p| {
+                        let verified = matches!(p, Progress::Done { .. });
+                        if !verified {
+                            *p = Progress::Failed(Arc::clone(&failed));
+                        }
+                        !verified
+                    });
                 }
             }
             fills.map.lock().expect("fill map").remove(&key);
@@ -819,5 +857,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A fill of `data` from a source that hands it over in 64 KiB frames.
+    fn start_fill(fills: &Arc<Fills>, store: &Store, data: &Bytes) -> Arc<Fill> {
+        let cfg: crate::config::UpstreamConfig =
+            toml::from_str(r#"urls = "http://127.0.0.1:9""#).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let upstream = Arc::new(Upstream::new("test", &cfg, Arc::clone(&metrics)).unwrap());
+        let spec = FillSpec {
+            upstream,
+            digest: Digest::sha256_of(data),
+            store: store.clone(),
+            metrics,
+            bucket: None,
+        };
+        let frames: Vec<Result<_, Box<dyn std::error::Error + Send + Sync>>> = data
+            .chunks(64 * 1024)
+            .map(|c| Ok(hyper::body::Frame::data(data.slice_ref(c))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let source = Source::bucket(Some(data.len() as u64), body.boxed_unsync());
+        let (fill, joined) = fills
+            .join_or_start(spec, async move { Ok(source) }, |_| {})
+            .unwrap();
+        assert!(!joined);
+        fill
+    }
+
+    async fn read_all(mut reader: Reader) -> io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        while let Some(chunk) = reader.next_chunk().await {
+            got.extend_from_slice(&chunk?);
+        }
+        Ok(got)
+    }
+
+    /// A commit that fails after the digest check (here the blob's directory cannot be made)
+    /// costs the cache, not the readers: they get every verified byte and a clean end, and
+    /// nothing is stored.
+    #[tokio::test]
+    async fn a_commit_failing_after_verification_still_serves_its_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data: Bytes = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = Digest::sha256_of(&data);
+        // A file where the blob's directory must go.
+        let shard = store.path(&digest).parent().unwrap().to_owned();
+        std::fs::create_dir_all(shard.parent().unwrap()).unwrap();
+        std::fs::write(&shard, b"in the way").unwrap();
+
+        let fills: Arc<Fills> = Arc::default();
+        let fill = start_fill(&fills, &store, &data);
+        let reader = fill.reader(0, None);
+        fill.settled().await;
+        assert!(
+            fill.is_done(),
+            "the failed commit did not override the verification"
+        );
+        assert!(
+            read_all(reader).await.unwrap() == data,
+            "every byte, cleanly ended"
+        );
+        assert!(!store.contains(&digest).await, "nothing committed");
+        assert!(fills.is_empty(), "the fill left the flight");
     }
 }

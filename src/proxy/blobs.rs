@@ -53,13 +53,45 @@ impl Proxy {
         head: bool,
         client: &ClientInfo,
     ) -> Result<BlobAnswer> {
+        self.client_check(t, Kind::Blob, &digest.to_string(), client)
+            .await?;
+        match self.blob_checked(t, digest, head, client).await {
+            Ok(answer) => Ok(answer),
+            Err(Failure::Error(e)) => Err(e),
+            // Another request's fill went through its own repository, which lacks the blob
+            // or is denied it: this request's repository gets a fetch of its own, once the
+            // failed fill has left the flight.
+            Err(Failure::TheirRepository(fill, _)) => {
+                fill.settled().await;
+                match self.blob_checked(t, digest, head, client).await {
+                    Ok(answer) => Ok(answer),
+                    Err(Failure::Error(e)) => Err(e),
+                    Err(Failure::TheirRepository(_, e)) => Err(Error::Shared(e)),
+                }
+            }
+        }
+    }
+
+    async fn blob_checked(
+        self: &Arc<Self>,
+        t: &Target,
+        digest: &Digest,
+        head: bool,
+        client: &ClientInfo,
+    ) -> Result<BlobAnswer, Failure> {
         let up = &t.upstream.name;
-        let reference = digest.to_string();
-        self.client_check(t, Kind::Blob, &reference, client).await?;
-        if self.index.blob(up, digest)?.is_some() || self.fills.get(up, digest).is_some() {
+        // One look at each: whatever is served from them below passed `may_serve` (a fill
+        // found later is checked where it is joined).
+        let indexed = self.index.blob(up, digest)?.is_some();
+        let filling = if indexed {
+            None
+        } else {
+            self.fills.get(up, digest)
+        };
+        if indexed || filling.is_some() {
             self.may_serve(t, Kind::Blob, digest, client).await?;
         }
-        if self.index.blob(up, digest)?.is_some() {
+        if indexed {
             if let Some(blob) = self.store.open_blob(digest).await? {
                 self.touch(digest);
                 return Ok(hit(blob));
@@ -68,7 +100,7 @@ impl Proxy {
         }
         // Before the cross-upstream check: a fill of ours that just committed is on disk but
         // not yet in the index, and joining it costs nothing.
-        if let Some(fill) = self.fills.get(up, digest) {
+        if let Some(fill) = filling {
             return joined(fill, CacheResult::Coalesced).await;
         }
         if self.config.cache.offline {
@@ -82,7 +114,8 @@ impl Proxy {
             }
             return Err(Error::BlobUnknown(format!(
                 "{digest} is not cached and regcache is offline"
-            )));
+            ))
+            .into());
         }
         if self.store.contains(digest).await {
             // Fetched through another upstream: serve it once this upstream confirms it has it.
@@ -166,7 +199,7 @@ impl Proxy {
             }
         };
         if let Some(why) = self.disk_unavailable() {
-            return self.passthrough(t, digest, client, &why).await;
+            return Ok(self.passthrough(t, digest, client, &why).await?);
         }
         match self.fills.join_or_start(spec, source, on_commit) {
             Ok((fill, was_joined)) => {
@@ -184,7 +217,7 @@ impl Proxy {
                 )
                 .await
             }
-            Err(e) => self.passthrough(t, digest, client, &e.to_string()).await,
+            Err(e) => Ok(self.passthrough(t, digest, client, &e.to_string()).await?),
         }
     }
 
@@ -288,8 +321,40 @@ fn hit(blob: Committed) -> BlobAnswer {
     }
 }
 
-async fn joined(fill: Arc<Fill>, cache: CacheResult) -> Result<BlobAnswer> {
-    let size = fill.started().await.map_err(Error::Shared)?;
+/// Why a blob was not answered.
+enum Failure {
+    Error(Error),
+    /// A fill this request joined failed for the repository it was started for (upstream
+    /// has no such blob there, or denies it), which may not be this request's.
+    TheirRepository(Arc<Fill>, Arc<Error>),
+}
+
+impl<E: Into<Error>> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure::Error(e.into())
+    }
+}
+
+async fn joined(fill: Arc<Fill>, cache: CacheResult) -> Result<BlobAnswer, Failure> {
+    let size = match fill.started().await {
+        Ok(size) => size,
+        Err(e)
+            if cache == CacheResult::Coalesced
+                && matches!(
+                    e.root(),
+                    Error::BlobUnknown(_)
+                        | Error::UpstreamDenied { .. }
+                        | Error::UpstreamChallenge { .. }
+                ) =>
+        {
+            return Err(Failure::TheirRepository(fill, e));
+        }
+        Err(e) => return Err(Error::Shared(e).into()),
+    };
+    // An empty answer is complete once its headers are out: it waits for the digest check.
+    if size == Some(0) {
+        fill.verified().await.map_err(Error::Shared)?;
+    }
     // Joining a verified fill whose commit is still under way is as good as a file on disk.
     let cache = if cache == CacheResult::Coalesced && fill.is_done() {
         CacheResult::Hit

@@ -130,6 +130,11 @@ pub struct Faults {
     /// Registry quirks: manifests as `application/json` without `Docker-Content-Digest`, and
     /// `HEAD` on manifests answered 405.
     pub quirks: bool,
+    /// Answer blob GETs `200` with `Content-Length: 0` and no bytes, whatever the blob.
+    pub empty_blobs: bool,
+    /// Blob requests in this repository (as upstream sees it, e.g. `library/app`) wait this
+    /// long, then answer 404 `BLOB_UNKNOWN` even for blobs the fake has.
+    pub missing_blobs_in: Option<(String, std::time::Duration)>,
 }
 
 /// Requests the fake is busy with (handler running or body still being sent).
@@ -358,6 +363,12 @@ async fn serve(
             )
         }
         "blob" => {
+            if let Some((missing, delay)) = &faults.missing_blobs_in
+                && missing == repo
+            {
+                tokio::time::sleep(*delay).await;
+                return respond(404, &[], r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#);
+            }
             let Some(bytes) = content.lock().unwrap().blobs.get(reference).cloned() else {
                 return respond(404, &[], r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#);
             };
@@ -370,6 +381,9 @@ async fn serve(
                 ("content-type", "application/octet-stream"),
                 ("docker-content-digest", reference),
             ];
+            if faults.empty_blobs && !head {
+                return respond(200, &headers, "");
+            }
             if faults.reset_blobs && !head {
                 return half_then_reset(&bytes, &headers);
             }
