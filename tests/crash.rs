@@ -146,6 +146,22 @@ async fn sigkill_mid_fill_never_leaves_a_corrupt_object() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by a running regcache"), "{err}");
+    // Nor does a second server on it clear the running one's fills from tmp/.
+    let in_flight = data.join("tmp").join("fill.in-flight");
+    std::fs::write(&in_flight, b"part of a blob").unwrap();
+    let second = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", common::free_port()))
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "a second server on one data dir");
+    assert!(
+        in_flight.exists(),
+        "the second server removed a fill's temp file"
+    );
+    std::fs::remove_file(&in_flight).unwrap();
     drop(server);
     let report = verify(&data);
     assert!(

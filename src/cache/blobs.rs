@@ -29,6 +29,9 @@ struct Inner {
     /// Committed bytes and files, counted once at open and kept current by commit and remove.
     bytes: AtomicU64,
     objects: AtomicU64,
+    /// Held while a commit or removal looks at a blob's path and changes it, so two of them
+    /// on one digest (fills through two upstreams, say) count it once.
+    renaming: std::sync::Mutex<()>,
     /// Small blobs served lately, kept open and mapped whole (see [`Committed`]).
     open: moka::sync::Cache<Digest, Committed>,
 }
@@ -100,6 +103,7 @@ impl Store {
                 next_tmp: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
                 objects: AtomicU64::new(0),
+                renaming: std::sync::Mutex::default(),
                 open: moka::sync::Cache::builder()
                     .max_capacity(MAPPED_BUDGET)
                     .weigher(|_, c: &Committed| {
@@ -251,16 +255,25 @@ impl Store {
         let dest = self.path(digest);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir)?;
-        let existed = dest.exists();
         let size = temp.file.metadata()?.len();
-        fs::rename(&temp.path, &dest)?;
-        temp.committed = true;
-        if existed {
-            // The file it replaced is unlinked: close it if kept open, so its space is freed.
-            self.inner.open.invalidate(digest);
-        } else {
-            self.inner.bytes.fetch_add(size, Ordering::Relaxed);
-            self.inner.objects.fetch_add(1, Ordering::Relaxed);
+        {
+            let _renaming = self.inner.renaming.lock().expect("renaming");
+            let replaced = fs::metadata(&dest).map(|m| m.len()).ok();
+            fs::rename(&temp.path, &dest)?;
+            temp.committed = true;
+            match replaced {
+                // The file it replaced is unlinked: close it if kept open, so its space is
+                // freed.
+                Some(old) => {
+                    self.inner.open.invalidate(digest);
+                    self.uncount(old, 0);
+                    self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+                }
+                None => {
+                    self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+                    self.inner.objects.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         File::open(dir)?.sync_all()
     }
@@ -290,21 +303,36 @@ impl Store {
 
     /// Unlinks committed content and uncounts it.
     async fn unlink(&self, digest: &Digest) -> io::Result<()> {
-        let path = self.path(digest);
-        let size = match tokio::fs::metadata(&path).await {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => {
-                self.inner.bytes.fetch_sub(size, Ordering::Relaxed);
-                self.inner.objects.fetch_sub(1, Ordering::Relaxed);
-                Ok(())
+        let (store, path) = (self.clone(), self.path(digest));
+        blocking(move || {
+            let _renaming = store.inner.renaming.lock().expect("renaming");
+            let size = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    store.uncount(size, 1);
+                    Ok(())
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
+        })
+        .await
+    }
+
+    /// Takes `bytes` and `objects` off the usage count, never below zero (a file removed
+    /// while the start-up walk counts the store may not have been counted yet).
+    fn uncount(&self, bytes: u64, objects: u64) {
+        let sub = |n: &AtomicU64, by: u64| {
+            let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(by))
+            });
+        };
+        sub(&self.inner.bytes, bytes);
+        sub(&self.inner.objects, objects);
     }
 }
 
@@ -516,6 +544,40 @@ mod tests {
                 store.open_blob(&d).await.unwrap().is_none(),
                 "removed, so not served from a mapping kept open"
             );
+        }
+    }
+
+    /// Commits of one digest racing each other (fills through two upstreams), and removals,
+    /// count the file once: the usage ends at exactly what is on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_commits_and_removals_count_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = Bytes::from_static(b"one layer, many upstreams");
+        let d = Digest::sha256_of(&data);
+        for round in 0..100 {
+            let racers: Vec<_> = (0..4)
+                .map(|i| {
+                    let (store, d, data) = (store.clone(), d.clone(), data.clone());
+                    tokio::spawn(async move {
+                        if round % 2 == 1 && i == 0 {
+                            store.remove(&d).await
+                        } else {
+                            store.write_small(&d, data).await
+                        }
+                    })
+                })
+                .collect();
+            for r in racers {
+                r.await.unwrap().unwrap();
+            }
+            let on_disk = store.contains(&d).await;
+            let want = if on_disk {
+                (data.len() as u64, 1)
+            } else {
+                (0, 0)
+            };
+            assert_eq!(store.usage(), want, "round {round}");
         }
     }
 }

@@ -121,7 +121,8 @@ pub fn drop_dangling(store: &Store, index: &Index, remove: bool) -> io::Result<u
 /// Start-up reconciliation after a crash: drops index entries whose file is gone, and hashes
 /// every file no upstream's index names (a crash between commit and indexing leaves one):
 /// a good one stays and is indexed again when an upstream confirms it, a bad one is removed.
-/// `files` is the store's listing ([`Store::files`]); the bad ones are taken out of it.
+/// `files` is the store's listing ([`Store::files`]); the bad ones (and any removed meanwhile)
+/// are taken out of it.
 /// Returns (entries dropped, unindexed files kept, files removed).
 pub fn reconcile(
     store: &Store,
@@ -139,14 +140,26 @@ pub fn reconcile(
         if known.contains_key(digest) {
             continue;
         }
-        let (actual, _) = hash_file(path, digest.algorithm())?;
+        // The server is already serving: a file may be evicted or purged mid-walk.
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+        let actual = match hash_file(path, digest.algorithm()) {
+            Ok((actual, _)) => actual,
+            Err(e) if gone(&e) => {
+                bad.push(path.clone());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if &actual == digest {
             kept += 1;
-        } else {
-            fs::remove_file(path)?;
-            bad.push(path.clone());
-            removed += 1;
+            continue;
         }
+        match fs::remove_file(path) {
+            Ok(()) => removed += 1,
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(e),
+        }
+        bad.push(path.clone());
     }
     files.retain(|f| !bad.contains(&f.path));
     Ok((dropped, kept, removed))

@@ -165,11 +165,13 @@ impl Proxy {
     pub fn new(config: Arc<Config>) -> Result<Arc<Proxy>, StartError> {
         let access = crate::access::Access::from_config(&config).map_err(StartError::Access)?;
         let data = &config.data_dir;
+        // The index first: its lock fails a second process on a data dir in use before the
+        // store's opening clears `tmp/`, where the running one's fills are being written.
+        let index = Index::open(&data.join("index"))?;
         let store = Store::open(data).map_err(|source| StartError::DataDir {
             path: data.clone(),
             source,
         })?;
-        let index = Index::open(&data.join("index"))?;
         // One walk of the store, off the start-up path: reconcile the index with the files
         // (after a crash the index may name files that never made it to disk, and files may
         // lack their entry; until then a missing file is dropped when asked for, and an
