@@ -100,8 +100,15 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
             400..=499 => "4xx",
             _ => "5xx",
         };
+        // A fixed set: any token is a method to hyper, and each label value is a series kept
+        // for good.
+        let method_label = match method {
+            Method::GET => "GET",
+            Method::HEAD => "HEAD",
+            _ => "other",
+        };
         m.requests
-            .with_label_values(&[served.kind, method.as_str(), status_class, &served.upstream])
+            .with_label_values(&[served.kind, method_label, status_class, &served.upstream])
             .inc();
         m.request_duration
             .with_label_values(&[served.kind])
@@ -401,10 +408,7 @@ async fn dispatch<B>(
             }
             let body = match answer.reader(start, end) {
                 Some(reader) if !head => {
-                    let source = match answer.body {
-                        BlobBody::File(_) => "cache",
-                        _ => "upstream",
-                    };
+                    let source = source_of(answer.cache);
                     // Bytes on disk go out by sendfile where the connection can.
                     let reader = match req.extensions().get::<Arc<Loans>>() {
                         Some(loans) => reader.lend_to(Arc::clone(loans)),

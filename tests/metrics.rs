@@ -207,6 +207,29 @@ async fn counters_move_exactly_for_miss_hit_coalesced_and_stale() {
     assert_eq!(s5.get(LOOKUPS, &[]), 6.0);
 }
 
+/// Methods a client makes up do not each become a series: any token is a method over HTTP,
+/// and a series is kept for good, so they count under `method="other"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_share_one_series() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    for i in 0..5 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        let resp = http()
+            .request(method, format!("{}/v2/", cache.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405);
+    }
+    let s = Scrape::of(&cache.url()).await;
+    assert!(!s.text.contains("MADEUP"), "a method became a label value");
+    assert_eq!(
+        s.get("regcache_http_requests_total", &[("method", "other")]),
+        5.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_the_metrics_listener() {
     let up = FakeRegistry::start(Faults::default()).await;

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 #[derive(Clone, Default)]
 pub struct Htpasswd {
     users: HashMap<String, String>,
+    /// A user's hash of the file's most common bcrypt cost, checked for names the file does
+    /// not have, so that they take as long as the names it has.
+    decoy: Option<String>,
 }
 
 /// Never prints a hash.
@@ -51,7 +54,8 @@ impl Htpasswd {
             }
         }
         if problems.is_empty() {
-            Ok(Htpasswd { users })
+            let decoy = decoy(&users);
+            Ok(Htpasswd { users, decoy })
         } else {
             Err(problems)
         }
@@ -71,23 +75,38 @@ impl Htpasswd {
     }
 
     /// Checks a password against the user's hash (slow: bcrypt). Unknown users are checked
-    /// against a dummy hash, so timing does not say which names exist.
+    /// against another user's hash of the file's usual cost, and fail whatever it says, so
+    /// timing does not say which names exist.
     pub fn verify(&self, user: &str, password: &str) -> bool {
-        match self.hash(user) {
-            Some(h) => bcrypt::verify(password, h).unwrap_or(false),
-            None => {
-                let dummy = DUMMY.get_or_init(|| {
-                    bcrypt::hash("regcache-no-such-user", bcrypt::DEFAULT_COST).unwrap_or_default()
-                });
-                let _ = bcrypt::verify(password, dummy);
+        match (self.hash(user), &self.decoy) {
+            (Some(h), _) => bcrypt::verify(password, h).unwrap_or(false),
+            (None, Some(decoy)) => {
+                let _ = bcrypt::verify(password, decoy);
                 false
             }
+            (None, None) => false,
         }
     }
 }
 
-/// A bcrypt hash of nothing anyone types, checked for unknown users.
-static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The hash unknown names are checked against: one of the most common cost among `users`
+/// (the same one every time).
+fn decoy(users: &HashMap<String, String>) -> Option<String> {
+    // `$2y$05$...`: the cost is the two digits after the prefix.
+    let cost = |h: &String| h.get(4..6).unwrap_or_default().to_owned();
+    let mut by_cost: HashMap<String, usize> = HashMap::new();
+    for h in users.values() {
+        *by_cost.entry(cost(h)).or_default() += 1;
+    }
+    let (usual, _) = by_cost
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))?;
+    users
+        .iter()
+        .filter(|(_, h)| cost(h) == usual)
+        .min_by_key(|(name, _)| name.as_str())
+        .map(|(_, h)| h.clone())
+}
 
 /// What kind of hash this is when it is not bcrypt; `None` for bcrypt.
 fn not_bcrypt(hash: &str) -> Option<&'static str> {
@@ -128,6 +147,27 @@ mod tests {
         assert!(!file.verify("alice", "wrong"));
         assert!(!file.verify("mallory", "s3cret"));
         assert!(!format!("{file:?}").contains(&h));
+    }
+
+    /// Unknown names cost what known ones do: they are checked against a hash of the
+    /// file's most common cost (the old dummy was always cost 12, 2^7 times `htpasswd -B`'s
+    /// default 5), and fail even with that user's password.
+    #[test]
+    fn unknown_names_are_checked_at_the_files_usual_cost() {
+        let (a, b, c) = (
+            bcrypt::hash("pa", 5).unwrap(),
+            bcrypt::hash("pb", 5).unwrap(),
+            bcrypt::hash("pc", 4).unwrap(),
+        );
+        let file = Htpasswd::parse(&format!("carol:{c}\nalice:{a}\nbob:{b}\n")).unwrap();
+        assert_eq!(
+            file.decoy.as_deref(),
+            Some(a.as_str()),
+            "cost 5, first by name"
+        );
+        assert!(!file.verify("mallory", "pa"));
+        assert!(file.verify("alice", "pa"));
+        assert_eq!(Htpasswd::parse("").unwrap().decoy, None);
     }
 
     #[test]

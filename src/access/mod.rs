@@ -83,7 +83,7 @@ pub struct Access {
     anonymous: HashSet<String>,
     /// SHA-256 of an `Authorization` value -> who it proved to be.
     verified: moka::future::Cache<[u8; 32], Arc<Identity>>,
-    bcrypt_slots: tokio::sync::Semaphore,
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Access {
@@ -322,7 +322,7 @@ impl Access {
                 .max_capacity(if ttl.is_zero() { 0 } else { 10_000 })
                 .time_to_live(ttl.max(std::time::Duration::from_millis(1)))
                 .build(),
-            bcrypt_slots: tokio::sync::Semaphore::new(BCRYPT_SLOTS),
+            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_SLOTS)),
         })
     }
 
@@ -376,16 +376,21 @@ impl Access {
             match self.token_named(Some(user), password) {
                 Some(name) => name,
                 None => {
-                    let _slot = self
-                        .bcrypt_slots
-                        .acquire()
+                    let slot = Arc::clone(&self.bcrypt_slots)
+                        .acquire_owned()
                         .await
                         .map_err(|e| Error::Internal(e.to_string()))?;
                     let file = Arc::clone(&self.htpasswd);
                     let (u, pw) = (user.to_owned(), password.to_owned());
-                    let ok = tokio::task::spawn_blocking(move || file.verify(&u, &pw))
-                        .await
-                        .map_err(|e| Error::Internal(e.to_string()))?;
+                    // The slot goes with the check: a request dropped meanwhile (a client
+                    // that reset its stream) leaves it held until bcrypt is done, so no more
+                    // than the cap ever run.
+                    let ok = tokio::task::spawn_blocking(move || {
+                        let _slot = slot;
+                        file.verify(&u, &pw)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?;
                     if !ok {
                         return Err(bad());
                     }
