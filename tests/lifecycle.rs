@@ -87,6 +87,66 @@ async fn offline_mode_serves_what_an_online_run_cached_and_never_calls_upstream(
     assert_eq!(meter.total(), 0, "offline never contacts upstream");
 }
 
+/// Offline, a blob another upstream cached is served by digest only when both upstreams are
+/// public: one regcache fetched with credentials of its own (`corp`) stays with it, where a
+/// public one's (`quay`) is shared, as online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_mode_shares_blobs_only_between_public_upstreams() {
+    let (hub, corp, quay) = (
+        Registry::start().await,
+        Registry::start().await,
+        Registry::start().await,
+    );
+    let (secret, open) = (Image::simple(54, 1), Image::simple(55, 1));
+    corp.push("team/app", "1", &secret).await;
+    quay.push("lib/tool", "1", &open).await;
+    let (corp_url, quay_url) = (corp.url(), quay.url());
+    let tweak = move |c: &mut regcache::Config| {
+        let mut up = c.upstreams["docker.io"].clone();
+        up.short_name_prefix = None;
+        let mut private = up.clone();
+        private.urls = vec![corp_url];
+        private.hosts = vec!["corp.example".into()];
+        private.username = Some("carol".into());
+        private.password = Some("not-asked-for".into());
+        c.upstreams.insert("corp".into(), private);
+        up.urls = vec![quay_url];
+        up.hosts = vec!["quay.io".into()];
+        c.upstreams.insert("quay".into(), up);
+    };
+    let online = Regcache::start(&hub.url(), tweak.clone()).await;
+    assert_eq!(
+        pull(&online.url(), "corp.example/team/app", "1").await,
+        secret.digest()
+    );
+    assert_eq!(
+        pull(&online.url(), "quay.io/lib/tool", "1").await,
+        open.digest()
+    );
+    let data = online.shutdown().await;
+
+    let mut cfg = common::config(&hub.url(), data.path());
+    tweak(&mut cfg);
+    cfg.cache.offline = true;
+    let offline = Regcache::start_config(cfg, data).await;
+    let through_hub = |digest: String| {
+        let url = format!("{}/v2/library/any/blobs/{digest}", offline.url());
+        async move { http().get(url).send().await.unwrap() }
+    };
+    let resp = through_hub(secret.layers[0].digest()).await;
+    assert_eq!(
+        error_code(resp).await,
+        (404, "BLOB_UNKNOWN".into()),
+        "corp's blob through docker.io"
+    );
+    let resp = through_hub(open.layers[0].digest()).await;
+    assert_eq!(resp.status(), 200, "quay's blob through docker.io");
+    assert_eq!(
+        common::image::sha256(&resp.bytes().await.unwrap()),
+        open.layers[0].digest()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_keeps_the_cache_under_its_cap_in_lru_order_and_spares_pins() {
     let registry = Registry::start().await;

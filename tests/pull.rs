@@ -422,6 +422,41 @@ async fn a_narrow_accept_404_does_not_hide_the_tag_from_other_clients() {
     );
 }
 
+/// A tag list over the 4 MiB manifest limit (the spec sets none for lists) comes through
+/// whole, and is cached like a small one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_list_over_4_mib_comes_through() {
+    let tags: Vec<String> = (0..300_000).map(|i| format!("nightly-{i:08}")).collect();
+    let list =
+        bytes::Bytes::from(serde_json::json!({ "name": "library/big", "tags": tags }).to_string());
+    assert!(list.len() > 5 << 20, "{} bytes", list.len());
+    let body = list.clone();
+    let up = common::fake::Fake::start(move |parts| {
+        let body = body.clone();
+        async move {
+            match parts.uri.path() {
+                "/v2/library/big/tags/list" => {
+                    common::fake::respond(200, &[("content-type", "application/json")], body)
+                }
+                "/v2/" => common::fake::respond(200, &[], "{}"),
+                _ => common::fake::respond(404, &[], ""),
+            }
+        }
+    })
+    .await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    for _ in 0..2 {
+        let resp = cache.get("/v2/big/tags/list").await;
+        assert_eq!(resp.status(), 200);
+        assert!(resp.bytes().await.unwrap() == list, "the list, whole");
+    }
+    assert_eq!(
+        up.count("GET", "/tags/list"),
+        1,
+        "the second from the cache"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_list_is_passed_through_and_briefly_cached() {
     let s = setup(|_| {}).await;

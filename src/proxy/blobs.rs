@@ -11,7 +11,7 @@ use crate::cache::blobs::Committed;
 use crate::cache::flight::{Fill, FillSpec, Reader, Source};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{Upstream, UpstreamRequest};
 
 /// Where a blob answer's bytes come from.
 pub enum BlobBody {
@@ -104,12 +104,17 @@ impl Proxy {
             return joined(fill, CacheResult::Coalesced).await;
         }
         if self.config.cache.offline {
-            // Content is content: in offline mode any upstream's copy will do, unless this
-            // upstream's content may be private.
-            if !t.upstream.is_private()
-                && !t.upstream.passes_client_auth()
-                && let Some(blob) = self.store.open_blob(digest).await?
-            {
+            // Content is content: in offline mode another upstream's copy will do, when both
+            // that upstream's content and this one's are public. (A private upstream's blob, or
+            // a manifest stored under the same digest, is never served through another.)
+            let public = |u: &Upstream| !u.is_private() && !u.passes_client_auth();
+            let shared = public(&t.upstream)
+                && self
+                    .upstreams
+                    .values()
+                    .filter(|u| public(u))
+                    .any(|u| matches!(self.index.blob(&u.name, digest), Ok(Some(_))));
+            if shared && let Some(blob) = self.store.open_blob(digest).await? {
                 return Ok(hit(blob));
             }
             return Err(Error::BlobUnknown(format!(

@@ -346,7 +346,7 @@ impl Proxy {
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        let bytes = read_document(t, body).await?;
+        let bytes = read_document(t, body, super::MAX_DOCUMENT).await?;
         let media_type = if media_type::is_generic(content_type) {
             media_type::sniff(&bytes)
                 .or(content_type)

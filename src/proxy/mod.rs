@@ -106,8 +106,13 @@ pub struct TagsList {
     pub link: Option<HeaderValue>,
 }
 
-/// Largest manifest or tag list regcache accepts from upstream (the OCI spec's 4 MiB).
+/// Largest manifest regcache accepts from upstream (the OCI spec's 4 MiB).
 pub const MAX_DOCUMENT: usize = 4 << 20;
+/// Largest tag list regcache accepts from upstream: the spec sets no limit, and a repository
+/// with years of nightly tags (with gcr.io's per-digest `manifest` map) passes 4 MiB.
+const MAX_TAGS_LIST: usize = 32 << 20;
+/// Bytes of tag lists kept for `tags_list_ttl`.
+const TAGS_LISTS_MEMORY: u64 = 64 << 20;
 
 type ManifestKey = (String, RepoName, String, String);
 type TagsKey = (String, RepoName, String);
@@ -223,7 +228,8 @@ impl Proxy {
             .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
             .build();
         let tags_lists = moka::future::Cache::builder()
-            .max_capacity(10_000)
+            .max_capacity(TAGS_LISTS_MEMORY)
+            .weigher(|_, l: &Arc<TagsList>| l.body.len().try_into().unwrap_or(u32::MAX).max(1))
             .time_to_live(config.cache.tags_list_ttl)
             .build();
         let missing_tags = moka::sync::Cache::builder()
@@ -464,7 +470,7 @@ impl Proxy {
             Error::NameUnknown(format!("repository {} not known upstream", t.repo))
         })?;
         let (parts, body) = resp.into_parts();
-        let body = read_document(t, body).await?;
+        let body = read_document(t, body, MAX_TAGS_LIST).await?;
         let list = Arc::new(TagsList {
             body,
             content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
@@ -554,19 +560,18 @@ fn status_error(
     }
 }
 
-/// Reads a small upstream body (manifest, tag list) whole, within the size limit and deadline.
-async fn read_document(t: &Target, body: Incoming) -> Result<Bytes> {
+/// Reads a small upstream body (manifest, tag list) whole, within `limit` bytes and the deadline.
+async fn read_document(t: &Target, body: Incoming, limit: usize) -> Result<Bytes> {
     let deadline = t.upstream.read_timeout();
     let upstream_err = |source| Error::Upstream {
         upstream: t.upstream.name.clone(),
         source,
     };
-    let result =
-        match tokio::time::timeout(deadline, Limited::new(body, MAX_DOCUMENT).collect()).await {
-            Err(_) => Err(UpstreamError::Timeout(deadline)),
-            Ok(Err(e)) => Err(UpstreamError::Io(e.to_string())),
-            Ok(Ok(c)) => Ok(c.to_bytes()),
-        };
+    let result = match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(UpstreamError::Timeout(deadline)),
+        Ok(Err(e)) => Err(UpstreamError::Io(e.to_string())),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    };
     match result {
         Ok(bytes) => {
             t.upstream.count_fetched(bytes.len() as u64);
