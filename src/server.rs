@@ -5,8 +5,9 @@
 //! Limits: at most `max_connections` connections are served at once (the accept loop waits for
 //! a free slot, so further clients wait in the listen backlog); the TLS handshake and each
 //! request's headers must arrive within `header_read_timeout`; a connection with no request in
-//! progress for `idle_timeout` is closed. No lock or fill is owned by a connection: a client
-//! that stops reading only stalls its own response.
+//! progress for `idle_timeout`, or whose client has taken none of the bytes ready for it for
+//! that long, is closed. No lock or fill is owned by a connection: a client that stops reading
+//! stalls only its own response, and not for good.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -302,8 +303,8 @@ struct Connection {
 
 impl Connection {
     /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, the connection has been idle
-    /// for `idle_timeout`, or graceful shutdown finishes it. `loans` is the socket's, when it
-    /// sends lent ranges with `sendfile`.
+    /// or stalled for `idle_timeout` (see [`Activity`]), or graceful shutdown finishes it.
+    /// `loans` is the socket's, when it sends lent ranges with `sendfile`.
     async fn serve<I>(self, io: I, loans: Option<Arc<Loans>>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -329,48 +330,76 @@ impl Connection {
                 req.extensions_mut().insert(Arc::clone(loans));
             }
             async move {
+                let answering = Waiting::start(&busy.0);
                 let resp = handler::handle(proxy, req).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
+                drop(answering);
+                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                    body,
+                    waiting: None,
+                    busy,
+                }))
             }
         });
+        let io = Watched {
+            io,
+            activity: Arc::clone(&activity),
+        };
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let conn = watcher.watch(conn.into_owned());
         tokio::select! {
             ended = conn => if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             },
-            () = activity.idle_for(limits.idle_timeout) => {
-                tracing::debug!(%peer, "idle connection closed");
+            why = activity.idle_for(limits.idle_timeout) => {
+                tracing::debug!(%peer, "{why} connection closed");
             }
         }
     }
 }
 
-/// Requests in progress on one connection, and since when it has had none.
+/// What a connection is doing, to close it when it does nothing: no request in progress, or
+/// requests in progress that wait only on the client (it takes none of the bytes ready for it),
+/// for `idle_timeout`. A request waiting on regcache (its handler running, or its body waiting
+/// for bytes, say for an upstream slot) is never a reason to close.
 struct Activity {
+    /// Requests in progress: from their headers until their response body is done or dropped.
     active: AtomicUsize,
+    /// Of those, the ones waiting on regcache rather than on the client.
+    waiting: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// When something last moved: bytes on the socket, a body's next bytes, an answer.
+    moved: Mutex<Instant>,
 }
 
 impl Activity {
     fn new() -> Activity {
         Activity {
             active: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            moved: Mutex::new(Instant::now()),
         }
     }
 
-    /// Completes once the connection has had no request in progress for `limit`.
-    async fn idle_for(&self, limit: Duration) {
+    fn moved(&self) {
+        *self.moved.lock().expect("moved lock") = Instant::now();
+    }
+
+    /// Completes once the connection has been idle, or stalled on its client, for `limit`.
+    async fn idle_for(&self, limit: Duration) -> &'static str {
         loop {
-            let since = *self.idle_since.lock().expect("idle lock");
-            if self.active.load(Ordering::SeqCst) == 0 && since.elapsed() >= limit {
-                return;
-            }
-            // Busy or recently busy: look again when the quiet period could be over.
-            tokio::time::sleep_until(since + limit).await;
-            if self.active.load(Ordering::SeqCst) > 0 {
-                tokio::time::sleep(limit).await;
+            let since = if self.active.load(Ordering::SeqCst) == 0 {
+                Some((*self.idle_since.lock().expect("idle lock"), "idle"))
+            } else if self.waiting.load(Ordering::SeqCst) == 0 {
+                Some((*self.moved.lock().expect("moved lock"), "stalled"))
+            } else {
+                None
+            };
+            match since {
+                Some((since, why)) if since.elapsed() >= limit => return why,
+                // Look again when the quiet period could be over.
+                Some((since, _)) => tokio::time::sleep_until(since + limit).await,
+                None => tokio::time::sleep(limit).await,
             }
         }
     }
@@ -393,10 +422,29 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its request counted as in progress until it is dropped.
+/// A request waiting on regcache, while alive; something moved when it ends.
+struct Waiting(Arc<Activity>);
+
+impl Waiting {
+    fn start(activity: &Arc<Activity>) -> Waiting {
+        activity.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(Arc::clone(activity))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.moved();
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it is dropped, and as
+/// waiting on regcache while it has no bytes ready.
 struct Tracked {
     body: Body,
-    _busy: Busy,
+    waiting: Option<Waiting>,
+    busy: Busy,
 }
 
 impl http_body::Body for Tracked {
@@ -407,7 +455,15 @@ impl http_body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match (&polled, &this.waiting) {
+            (Poll::Pending, None) => this.waiting = Some(Waiting::start(&this.busy.0)),
+            (Poll::Ready(_), Some(_)) => this.waiting = None,
+            (Poll::Ready(_), None) => this.busy.0.moved(),
+            (Poll::Pending, Some(_)) => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -416,6 +472,75 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A connection's socket, noting when bytes move on it (see [`Activity`]).
+struct Watched<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I> Watched<I> {
+    fn note<T>(
+        &self,
+        polled: Poll<std::io::Result<T>>,
+        moved: impl Fn(&T) -> bool,
+    ) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Ok(v)) = &polled
+            && moved(v)
+        {
+            self.activity.moved();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let read = buf.filled().len() > before;
+        this.note(polled, |_| read)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note(polled, |n| *n > 0)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note(polled, |n| *n > 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

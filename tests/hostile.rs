@@ -315,6 +315,56 @@ async fn a_client_that_stops_reading_does_not_block_others_on_the_same_blob() {
     drop(stalled);
 }
 
+/// A client that takes none of its response's bytes for `idle_timeout` is cut off, so clients
+/// that stop reading cannot hold connection slots (or a passed-through blob's upstream slot)
+/// for good; a response waiting on upstream that long is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_but_a_slow_upstream_is_waited_for() {
+    let up = FakeRegistry::start(Faults::default()).await;
+    let (big, slow) = (
+        Image::new(image::DOCKER_V2, "amd64", vec![Layer::new(64, 24 << 20)]),
+        Image::new(image::DOCKER_V2, "amd64", vec![Layer::new(65, 1 << 20)]),
+    );
+    up.add("library/big", "1", &big);
+    up.add("library/slow", "1", &slow);
+    let cache = Regcache::start(&up.url(), |c| {
+        c.limits.idle_timeout = Duration::from_millis(700);
+    })
+    .await;
+    let layer = big.layers[0].digest();
+    assert_eq!(
+        image::sha256(&common::get_blob(&cache.url(), "big", &layer).await),
+        layer
+    );
+
+    // Asks for the cached blob, reads its head, then reads nothing for 3 idle timeouts.
+    let mut stalled = TcpStream::connect(cache.addr).await.unwrap();
+    stalled
+        .write_all(format!("GET /v2/big/blobs/{layer} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = stalled.read(&mut got).await.unwrap();
+    assert!(String::from_utf8_lossy(&got[..n]).starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut total = n;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut got)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(k)) => total += k,
+            Err(_) => panic!("the stalled connection is still open after {total} bytes"),
+        }
+    }
+    assert!(total < 24 << 20, "the whole blob arrived: {total} bytes");
+
+    // Upstream sends a blob in 3 pieces, 1 s apart: longer than idle_timeout each time, and
+    // the response, waiting on upstream, completes.
+    up.set(|f| f.drip = Some((3, Duration::from_secs(1))));
+    let slow_layer = slow.layers[0].digest();
+    let body = common::get_blob(&cache.url(), "slow", &slow_layer).await;
+    assert_eq!(image::sha256(&body), slow_layer);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connections_are_closed_after_idle_timeout() {
     let up = FakeRegistry::start(Faults::default()).await;
