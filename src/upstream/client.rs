@@ -523,11 +523,10 @@ impl Upstream {
         let origin = url.origin();
         for _ in 0..=MAX_REDIRECTS {
             let same_origin = url.origin() == origin;
-            let resp = self
+            let mut resp = self
                 .exchange(method, &url, accept, authz.filter(|_| same_origin))
                 .await?;
             if !resp.status().is_redirection() || !resp.headers().contains_key(header::LOCATION) {
-                let mut resp = resp;
                 if !same_origin {
                     resp.extensions_mut().insert(ForeignOrigin);
                 }
