@@ -101,17 +101,23 @@ pub struct Token {
     pub expires_at: Instant,
 }
 
-/// Tokens shorter-lived than this are not worth caching; others are dropped this long early.
+/// Tokens are dropped this long before they expire (half their lifetime early when that is
+/// shorter), so a request never goes out with one about to lapse.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// The token lifetime registries imply when they do not say (the distribution token spec's 60 s).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// The longest a token is kept, whatever the token server says: its `expires_in` is a remote
+/// number, and one near `u64::MAX` would overflow the clock.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The token endpoint's answer.
 #[derive(serde::Deserialize)]
 pub struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
-    expires_in: Option<u64>,
+    /// Any JSON, so that an odd value (negative, fractional, a string) costs the token its
+    /// stated lifetime, not the whole answer.
+    expires_in: Option<serde_json::Value>,
 }
 
 impl TokenResponse {
@@ -120,17 +126,39 @@ impl TokenResponse {
         let raw = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         let mut header = HeaderValue::from_str(&format!("Bearer {raw}")).ok()?;
         header.set_sensitive(true);
-        let lifetime = self
-            .expires_in
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
         Some(Token {
             header,
-            expires_at: now
-                + lifetime
-                    .saturating_sub(EXPIRY_MARGIN)
-                    .max(Duration::from_secs(1)),
+            expires_at: now + refresh_after(lifetime(self.expires_in.as_ref())),
         })
+    }
+}
+
+/// The lifetime an `expires_in` states, at most [`MAX_TOKEN_LIFETIME`]. Missing, zero, negative
+/// or not a number: [`DEFAULT_TOKEN_LIFETIME`], as the spec says for a missing one (a token
+/// that no longer lives when it arrives cannot have been meant).
+fn lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
+    let stated = match expires_in {
+        Some(serde_json::Value::Number(n)) => match n.as_u64() {
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => n
+                .as_f64()
+                .filter(|secs| *secs > 0.0)
+                .map(|secs| Duration::from_secs_f64(secs.min(MAX_TOKEN_LIFETIME.as_secs_f64()))),
+        },
+        _ => None,
+    };
+    stated
+        .filter(|d| !d.is_zero())
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+        .min(MAX_TOKEN_LIFETIME)
+}
+
+/// How long a token of `lifetime` is used: [`EXPIRY_MARGIN`] less, or half of it when short.
+fn refresh_after(lifetime: Duration) -> Duration {
+    if lifetime > 2 * EXPIRY_MARGIN {
+        lifetime - EXPIRY_MARGIN
+    } else {
+        lifetime / 2
     }
 }
 
@@ -242,6 +270,45 @@ mod tests {
         );
         let t: TokenResponse = serde_json::from_str(r#"{"token":""}"#).unwrap();
         assert!(t.into_token(now).is_none());
+    }
+
+    #[test]
+    fn remote_lifetimes_are_bounded() {
+        let now = Instant::now();
+        let expiry = |json: &str| {
+            let t: TokenResponse = serde_json::from_str(json).unwrap();
+            t.into_token(now).unwrap().expires_at - now
+        };
+        // A token server's number must not overflow the clock (that panicked).
+        assert_eq!(
+            expiry(r#"{"token":"x","expires_in":18446744073709551615}"#),
+            MAX_TOKEN_LIFETIME - EXPIRY_MARGIN
+        );
+        assert_eq!(
+            expiry(r#"{"token":"x","expires_in":1e300}"#),
+            MAX_TOKEN_LIFETIME - EXPIRY_MARGIN
+        );
+        // Zero, negative, null or not a number: as if missing (the spec's 60 s).
+        for missing in ["0", "-5", "-1e300", "null", "\"300\"", "true", "{}"] {
+            assert_eq!(
+                expiry(&format!(r#"{{"token":"x","expires_in":{missing}}}"#)),
+                Duration::from_secs(50),
+                "expires_in {missing}"
+            );
+        }
+        // Short lifetimes are kept short: refreshed before they run out.
+        assert_eq!(
+            expiry(r#"{"token":"x","expires_in":12}"#),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            expiry(r#"{"token":"x","expires_in":1}"#),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            expiry(r#"{"token":"x","expires_in":300.5}"#),
+            Duration::from_millis(290_500)
+        );
     }
 
     #[test]
