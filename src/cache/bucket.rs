@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use tokio::io::AsyncWriteExt as _;
@@ -59,57 +59,14 @@ pub struct Bucket {
 impl Bucket {
     /// The bucket `c` names; unset settings come from the `AWS_*` variables.
     pub fn new(c: &S3Config, metrics: Arc<Metrics>) -> Result<Bucket, String> {
-        let bucket = c.bucket.clone().unwrap_or_default();
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(&bucket)
-            .with_virtual_hosted_style_request(!c.path_style)
-            // No SHA-256 of every uploaded byte for the request signature (a second hash of
-            // each blob, as much CPU as the fill's own digest check): objects are verified
-            // against their digest when read back, which covers the path end to end.
-            .with_unsigned_payload(true)
-            .with_retry(object_store::RetryConfig {
-                max_retries: 2,
-                retry_timeout: c.timeout * 3,
-                ..Default::default()
-            })
-            // Whole-request deadlines would cut long blob bodies; regcache bounds each answer
-            // by `timeout` and each body by silence, as it does upstream's.
-            .with_client_options(
-                object_store::ClientOptions::new()
-                    .with_connect_timeout(c.timeout)
-                    .with_timeout_disabled(),
-            );
-        if let Some(endpoint) = &c.endpoint {
-            b = b
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"));
-        }
-        if let Some(region) = &c.region {
-            b = b.with_region(region);
-        }
-        if let Some(id) = &c.access_key_id {
-            b = b.with_access_key_id(id);
-        }
-        let secret = match (&c.secret_access_key, &c.secret_access_key_file) {
-            (Some(s), _) => Some(s.to_string()),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(f)
-                    .map_err(|e| format!("storage.s3.secret_access_key_file {}: {e}", f.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
-        if let Some(s) = secret {
-            b = b.with_secret_access_key(s);
-        }
-        let store = b.build().map_err(|e| format!("storage.s3: {e}"))?;
+        let (store, endpoint) = s3(c)?;
+        let bucket = c.bucket.as_deref().unwrap_or_default();
         Ok(Bucket {
             store: Arc::new(store),
             prefix: Path::from(c.prefix.trim_matches('/')),
             name: format!(
                 "{}/{bucket}",
-                c.endpoint.as_deref().unwrap_or("s3").trim_end_matches('/')
+                endpoint.as_deref().unwrap_or("s3").trim_end_matches('/')
             ),
             timeout: c.timeout,
             part_size: c.part_size as usize,
@@ -307,6 +264,84 @@ impl Bucket {
     }
 }
 
+/// The client for the bucket `c` names, and the S3 endpoint it uses as configured (`None`: AWS).
+fn s3(c: &S3Config) -> Result<(AmazonS3, Option<String>), String> {
+    let bucket = c.bucket.clone().unwrap_or_default();
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(&bucket)
+        .with_virtual_hosted_style_request(!c.path_style)
+        // No SHA-256 of every uploaded byte for the request signature (a second hash of
+        // each blob, as much CPU as the fill's own digest check): objects are verified
+        // against their digest when read back, which covers the path end to end.
+        .with_unsigned_payload(true)
+        .with_retry(object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: c.timeout * 3,
+            ..Default::default()
+        })
+        // Whole-request deadlines would cut long blob bodies; regcache bounds each answer
+        // by `timeout` and each body by silence, as it does upstream's.
+        .with_client_options(
+            object_store::ClientOptions::new()
+                .with_connect_timeout(c.timeout)
+                .with_timeout_disabled(),
+        );
+    // `AWS_ENDPOINT` means what the `endpoint` key means: the S3 API's base URL.
+    let endpoint = c
+        .endpoint
+        .clone()
+        .or_else(|| b.get_config_value(&AmazonS3ConfigKey::Endpoint));
+    if let Some(endpoint) = &endpoint {
+        b = b
+            .with_endpoint(bucket_endpoint(endpoint, &bucket, c.path_style)?)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let Some(region) = &c.region {
+        b = b.with_region(region);
+    }
+    if let Some(id) = &c.access_key_id {
+        b = b.with_access_key_id(id);
+    }
+    let secret = match (&c.secret_access_key, &c.secret_access_key_file) {
+        (Some(s), _) => Some(s.to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("storage.s3.secret_access_key_file {}: {e}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(s) = secret {
+        b = b.with_secret_access_key(s);
+    }
+    let store = b.build().map_err(|e| format!("storage.s3: {e}"))?;
+    Ok((store, endpoint))
+}
+
+/// The endpoint object_store is given for the S3 API at `endpoint`. Path style: `endpoint`
+/// itself (object_store adds `/{bucket}`). Virtual-hosted style: object_store takes an
+/// endpoint as the bucket's own URL, so the bucket goes in front of the host here
+/// (`https://s3.example:9000` -> `https://{bucket}.s3.example:9000`); given as it was, every
+/// key's first segment (`blobs`, or the prefix) would be read as the bucket.
+fn bucket_endpoint(endpoint: &str, bucket: &str, path_style: bool) -> Result<String, String> {
+    if path_style {
+        return Ok(endpoint.to_owned());
+    }
+    let mut url =
+        url::Url::parse(endpoint).map_err(|e| format!("storage.s3.endpoint {endpoint:?}: {e}"))?;
+    let Some(url::Host::Domain(host)) = url.host() else {
+        return Err(format!(
+            "storage.s3.endpoint {endpoint:?}: virtual-hosted style (path_style = false) puts \
+             the bucket in the host name, which needs a domain name; set path_style = true"
+        ));
+    };
+    let host = format!("{bucket}.{host}");
+    url.set_host(Some(&host))
+        .map_err(|e| format!("storage.s3.bucket {bucket:?}: not usable in a host name: {e}"))?;
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
 /// Counts one upload from its start until it is dropped.
 struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -334,4 +369,80 @@ enum Upload {
     Bucket(Failure),
     /// The fill it followed failed: nothing may be written.
     Fill(std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::signer::Signer as _;
+
+    use super::*;
+
+    fn config(endpoint: Option<&str>, path_style: bool) -> S3Config {
+        S3Config {
+            endpoint: endpoint.map(str::to_owned),
+            bucket: Some("regcache".into()),
+            region: Some("eu-west-1".into()),
+            prefix: "cache/".into(),
+            path_style,
+            access_key_id: Some("GKtest".into()),
+            secret_access_key: Some("secret".into()),
+            ..S3Config::default()
+        }
+    }
+
+    /// The URL a blob's object is read from, without the signature.
+    async fn object_url(c: &S3Config) -> Result<String, String> {
+        let (store, _) = s3(c)?;
+        let key = Path::from("cache/blobs/docker.io/sha256/abc");
+        let mut url = store
+            .signed_url(http::Method::GET, &key, Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?;
+        url.set_query(None);
+        Ok(url.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_bucket_is_in_the_path_or_the_host_as_path_style_says() {
+        let key = "cache/blobs/docker.io/sha256/abc";
+        for (endpoint, path_style, url) in [
+            (
+                Some("http://127.0.0.1:3900"),
+                true,
+                format!("http://127.0.0.1:3900/regcache/{key}"),
+            ),
+            (
+                Some("https://s3.example.com:9000/"),
+                false,
+                format!("https://regcache.s3.example.com:9000/{key}"),
+            ),
+            (
+                Some("https://storage.example.com/s3"),
+                false,
+                format!("https://regcache.storage.example.com/s3/{key}"),
+            ),
+            (
+                None,
+                false,
+                format!("https://regcache.s3.eu-west-1.amazonaws.com/{key}"),
+            ),
+            (
+                None,
+                true,
+                format!("https://s3.eu-west-1.amazonaws.com/regcache/{key}"),
+            ),
+        ] {
+            let c = config(endpoint, path_style);
+            assert_eq!(
+                object_url(&c).await.unwrap(),
+                url,
+                "endpoint {endpoint:?}, path_style = {path_style}"
+            );
+        }
+        // No host name to put the bucket in: refused at start, not sent to the wrong place.
+        let err = object_url(&config(Some("http://10.0.0.1:9000"), false))
+            .await
+            .unwrap_err();
+        assert!(err.contains("set path_style = true"), "{err}");
+    }
 }
