@@ -39,6 +39,8 @@ use crate::oci::digest::Digest;
 const PARTS_IN_FLIGHT: usize = 2;
 /// How long a blob whose bucket copy failed is fetched from upstream instead.
 const AVOID_FOR: Duration = Duration::from_secs(300);
+/// Uploads that may wait for a slot, per slot (`max_uploads`); see [`Bucket::upload`].
+const WAITING_PER_SLOT: usize = 4;
 
 /// A bucket holding blobs for every replica.
 pub struct Bucket {
@@ -49,6 +51,8 @@ pub struct Bucket {
     timeout: Duration,
     part_size: usize,
     uploads: Arc<Semaphore>,
+    /// The most uploads running or waiting at once; more are skipped.
+    max_uploads_in_flight: usize,
     metrics: Arc<Metrics>,
     /// Blobs whose bucket copy just failed to read: fetched from upstream for a while.
     avoid: moka::sync::Cache<(String, Digest), ()>,
@@ -71,6 +75,7 @@ impl Bucket {
             timeout: c.timeout,
             part_size: c.part_size as usize,
             uploads: Arc::new(Semaphore::new(c.max_uploads)),
+            max_uploads_in_flight: c.max_uploads * (1 + WAITING_PER_SLOT),
             metrics,
             avoid: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -200,10 +205,23 @@ impl Bucket {
 
     /// Writes a blob being fetched from `upstream` to the bucket, following the fill through
     /// `reader` (which ends only after the digest checked out, and fails with the fill).
-    /// Runs in its own task; at most `max_uploads` at once, the rest wait.
+    /// Runs in its own task; at most `max_uploads` at once.
+    ///
+    /// The queue is bounded: at most [`WAITING_PER_SLOT`] uploads per slot wait, and the
+    /// upload of a blob filled while that many wait is skipped (counted as `put` `skipped`),
+    /// dropping `reader` at once. A waiting upload holds its reader, and with it the fill's
+    /// file (an open descriptor, which keeps the blob's disk space allocated even once it is
+    /// evicted) and the fill's in-memory window (a few MiB). A black-holed bucket makes each
+    /// upload take its full `timeout`, so an unbounded queue held both for every blob of a
+    /// cold pull, for many minutes. A skipped blob costs at most another replica's fetch from
+    /// upstream: the bucket only ever saves upstream traffic.
     pub fn upload(self: &Arc<Self>, upstream: &str, digest: &Digest, reader: Reader) {
         let (this, key) = (Arc::clone(self), self.key(upstream, digest));
-        let counted = InFlight::new(&self.in_flight);
+        let Some(counted) = InFlight::try_new(&self.in_flight, self.max_uploads_in_flight) else {
+            tracing::debug!(bucket = %self.name, %key, "bucket uploads backed up; this blob is not uploaded");
+            self.count("put", "skipped");
+            return;
+        };
         tokio::spawn(async move {
             let _counted = counted;
             let Ok(_permit) = Arc::clone(&this.uploads).acquire_owned().await else {
@@ -346,9 +364,13 @@ fn bucket_endpoint(endpoint: &str, bucket: &str, path_style: bool) -> Result<Str
 struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
 
 impl InFlight {
-    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
-        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        InFlight(Arc::clone(count))
+    /// Counts one more upload, unless `max` are counted already.
+    fn try_new(count: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<InFlight> {
+        use std::sync::atomic::Ordering::SeqCst;
+        count
+            .fetch_update(SeqCst, SeqCst, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(InFlight(Arc::clone(count)))
     }
 }
 
@@ -400,6 +422,66 @@ mod tests {
             .map_err(|e| e.to_string())?;
         url.set_query(None);
         Ok(url.to_string())
+    }
+
+    /// A bucket that never answers (black-holed) holds at most `max_uploads` uploads running
+    /// and a few waiting; every further fill's upload is skipped at once, releasing its file
+    /// and window, and uploads are taken again once the queue has drained.
+    #[tokio::test]
+    async fn a_stalled_bucket_queues_a_bounded_number_of_uploads() {
+        // Connections are taken (the kernel's backlog) and never answered.
+        let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", stalled.local_addr().unwrap());
+        let c = S3Config {
+            max_uploads: 2,
+            timeout: Duration::from_millis(200),
+            ..config(Some(&endpoint), true)
+        };
+        let metrics = Arc::new(Metrics::new());
+        let bucket = Arc::new(Bucket::new(&c, Arc::clone(&metrics)).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("blob"), vec![7u8; 4096]).unwrap();
+        let blob = crate::cache::blobs::Committed {
+            file: Arc::new(std::fs::File::open(dir.path().join("blob")).unwrap()),
+            size: 4096,
+            mapped: None,
+        };
+        let digest: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let skipped = || {
+            metrics
+                .bucket_requests
+                .with_label_values(&["put", "skipped"])
+                .get()
+        };
+
+        // A cold pull of 50 blobs: no upload task has run yet (one thread, no await).
+        for _ in 0..50 {
+            bucket.upload("docker.io", &digest, Reader::complete(&blob, 0, 4096));
+        }
+        let held = c.max_uploads * (1 + WAITING_PER_SLOT);
+        assert_eq!(bucket.uploads_in_flight(), held);
+        assert_eq!(skipped(), (50 - held) as u64);
+        assert_eq!(
+            Arc::strong_count(&blob.file),
+            1 + held,
+            "a skipped upload keeps no reader (nor its file open)"
+        );
+
+        // Each upload gives up after `timeout`; the queue drains and lets go of every file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while bucket.uploads_in_flight() > 0 {
+            assert!(std::time::Instant::now() < deadline, "uploads never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(Arc::strong_count(&blob.file), 1);
+        let timeouts = metrics
+            .bucket_requests
+            .with_label_values(&["put", "timeout"])
+            .get();
+        assert_eq!(timeouts, held as u64);
+        bucket.upload("docker.io", &digest, Reader::complete(&blob, 0, 4096));
+        assert_eq!(bucket.uploads_in_flight(), 1, "taken again once drained");
+        assert_eq!(skipped(), (50 - held) as u64);
     }
 
     #[tokio::test]
