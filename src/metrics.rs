@@ -224,7 +224,7 @@ impl Metrics {
             ),
             bucket_requests: counter(
                 "regcache_bucket_requests_total",
-                "Requests to the shared bucket (storage.kind = \"s3\") by operation (head, get, put, delete) and result (ok, not_found, error, timeout, aborted: a failed fill's upload).",
+                "Requests to the shared bucket (storage.kind = \"s3\") by operation (head, get, put, delete) and result (ok, not_found, error, timeout, aborted: a failed fill's upload; skipped: an upload past the queue, put only).",
                 &["op", "result"],
             ),
             bucket_bytes: counter(
