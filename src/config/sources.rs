@@ -61,25 +61,42 @@ pub fn load(
         settings.push(EnvSetting { var, path, raw });
     }
 
+    // A variable's value read as TOML (`12345`, `true`) where the key wants text is read
+    // again as the variable's text, once: this holds the TOML value's error for each variable
+    // so read, in case the text is wrong too.
+    let mut as_toml: Vec<Option<(String, String)>> = vec![None; settings.len()];
     let mut config = None;
-    for _ in 0..MAX_PROBLEMS {
+    // Each variable's second reading takes a pass of its own, beside the problems' passes.
+    for _ in 0..MAX_PROBLEMS + settings.len() {
         match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(tree.clone())) {
             Ok(c) => {
                 config = Some(c);
                 break;
             }
             Err(e) => {
-                let (path, message) = error_path(&e);
-                let inner = e.into_inner().message().to_owned();
-                let set_by = settings.iter().find(|s| s.path == path);
-                // A variable's value read as TOML (`12345`, `true`) where the key wants text:
-                // take the variable's text as it is and try again.
-                if let Some(s) = set_by
-                    && !matches!(env_value(&s.raw), toml::Value::String(_))
-                    && set(&mut tree, &path, toml::Value::String(s.raw.clone()))
-                {
-                    continue;
+                let (path, mut message) = error_path(&e);
+                let mut inner = e.into_inner().message().to_owned();
+                let set_by = settings.iter().position(|s| s.path == path);
+                if let Some(i) = set_by {
+                    let s = &settings[i];
+                    match &as_toml[i] {
+                        None if !matches!(env_value(&s.raw), toml::Value::String(_))
+                            && set(&mut tree, &path, toml::Value::String(s.raw.clone())) =>
+                        {
+                            as_toml[i] = Some((message, inner));
+                            continue;
+                        }
+                        // Wrong as text too. When the key takes no text at all, what was
+                        // wrong with the TOML value says more (`integer -1, expected usize`
+                        // beats `string "-1", expected usize`); else the text's own error
+                        // does (`"-1" is not a size`).
+                        Some((m, i)) if inner.starts_with("invalid type: string") => {
+                            (message, inner) = (m.clone(), i.clone());
+                        }
+                        _ => {}
+                    }
                 }
+                let set_by = set_by.map(|i| &settings[i]);
                 let from = match set_by {
                     Some(s) => format!(" (set by {})", s.var),
                     None => String::new(),
@@ -358,6 +375,10 @@ fn key_path(path: &[String]) -> String {
 /// What a value of the kind an error names looks like.
 fn hint(message: &str) -> Option<&'static str> {
     let m = message.to_ascii_lowercase();
+    // Before sizes: "expected usize" contains "size" too.
+    if m.contains("expected usize") || m.contains("expected u32") {
+        return Some("a whole number");
+    }
     if m.contains("socket address") {
         Some("an IP address and port: \"0.0.0.0:5000\", \"127.0.0.1:9090\", \"[::]:5000\"")
     } else if m.contains("size") {
@@ -370,8 +391,6 @@ fn hint(message: &str) -> Option<&'static str> {
         Some("a list: [\"https://a.example\", \"https://b.example\"]")
     } else if m.contains("expected a string") {
         Some("text in double quotes")
-    } else if m.contains("expected usize") || m.contains("expected u32") {
-        Some("a whole number")
     } else {
         None
     }
@@ -475,13 +494,98 @@ mod tests {
             "cache.max_stale: ",
             "(set by REGCACHE_CACHE__MAX_STALE)",
             "\"5m\"",
-            "upstreams.\"docker.io\".max_concurrent: ",
+            "upstreams.\"docker.io\".max_concurrent: invalid type: string \"lots\", expected usize\n    hint: a whole number",
             "metrics_listen: ",
             "(set by REGCACHE_METRICS_LISTEN)",
             "\"0.0.0.0:5000\"",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn a_variable_wrong_both_as_toml_and_as_text_is_named_once_with_what_was_expected() {
+        let hub = "[upstreams.\"docker.io\"]\nurls = [\"https://registry-1.docker.io\"]\n";
+        for (var, raw, needles) in [
+            (
+                "REGCACHE_CACHE__OFFLINE",
+                "1",
+                &[
+                    "cache.offline: ",
+                    "expected a boolean",
+                    "hint: true or false",
+                ][..],
+            ),
+            (
+                "REGCACHE_CACHE__TAG_TTL",
+                "300",
+                &[
+                    "cache.tag_ttl: ",
+                    "expected a duration",
+                    "hint: a number with a unit",
+                ],
+            ),
+            (
+                "REGCACHE_LISTEN",
+                "5000",
+                &["listen: ", "socket address", "hint: an IP address and port"],
+            ),
+            (
+                "REGCACHE_UPSTREAMS__DOCKER_IO__MAX_CONCURRENT",
+                "-1",
+                &[
+                    "upstreams.\"docker.io\".max_concurrent: ",
+                    "expected usize",
+                    "hint: a whole number",
+                ],
+            ),
+            (
+                "REGCACHE_CACHE__MAX_SIZE",
+                "-1",
+                &["cache.max_size: ", "not a size", "hint: a number of bytes"],
+            ),
+        ] {
+            let all = problems(hub, &[(var, raw)]);
+            let set_by = format!("(set by {var})");
+            assert_eq!(all.matches(&set_by).count(), 1, "{var}={raw}:\n{all}");
+            for needle in needles {
+                assert!(
+                    all.contains(needle),
+                    "{var}={raw}: missing {needle:?} in:\n{all}"
+                );
+            }
+        }
+        // Every such variable is reported, and the file's own problems beside them.
+        let all = problems(
+            &format!("{hub}[cache]\ngc_interval = \"often\"\n"),
+            &[
+                ("REGCACHE_CACHE__OFFLINE", "1"),
+                ("REGCACHE_CACHE__TAG_TTL", "300"),
+                ("REGCACHE_LISTEN", "5000"),
+            ],
+        );
+        for needle in [
+            "cache.offline: ",
+            "cache.tag_ttl: ",
+            "listen: ",
+            "cache.gc_interval: ",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn many_variables_read_again_as_text_do_not_use_up_the_problem_budget() {
+        let mut text = String::from("default_upstream = \"u0\"\n");
+        let mut vars = Vec::new();
+        for i in 0..2 * MAX_PROBLEMS {
+            text.push_str(&format!(
+                "[upstreams.u{i}]\nurls = [\"https://u{i}.example\"]\n"
+            ));
+            vars.push((format!("REGCACHE_UPSTREAMS__U{i}__USERNAME"), i.to_string()));
+        }
+        let c = load(&text, Path::new("t.toml"), vars).unwrap();
+        assert_eq!(c.upstreams["u63"].username.as_deref(), Some("63"));
     }
 
     #[test]
