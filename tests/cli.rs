@@ -211,6 +211,45 @@ fn check_config_explains_typos_bad_values_and_variables_with_key_path_and_hint()
 }
 
 #[test]
+fn check_config_refuses_values_that_would_panic_or_hang_and_names_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("range.toml");
+    std::fs::write(
+        &cfg,
+        "[cache]\ntag_ttl = \"2000years\"\ngc_interval = \"0s\"\n[auth]\ncache_ttl = \"2000years\"\n[upstreams.\"docker.io\"]\nurls = [\"https://registry-1.docker.io\"]\nconnect_timeout = \"0s\"\nbreaker_open_for = \"1000000years\"\n",
+    )
+    .unwrap();
+    let (ok, out) = regcache(&["check-config", cfg.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    for w in [
+        "cache.tag_ttl: \"2000years\" is too long; at most \"100years\"",
+        "cache.gc_interval: must be more than zero",
+        "auth.cache_ttl: \"2000years\" is too long; at most \"100years\"",
+        "upstreams.\"docker.io\".connect_timeout: must be more than zero",
+        "upstreams.\"docker.io\".breaker_open_for: \"1000000years\" is too long; at most \"1day\"",
+    ] {
+        assert!(out.contains(w), "missing {w:?} in:\n{out}");
+    }
+
+    // A variable wrong as TOML and as text is named with its key, once each.
+    let (ok, out) = regcache_env(
+        &["check-config"],
+        &[
+            ("REGCACHE_CACHE__OFFLINE", "1"),
+            ("REGCACHE_LISTEN", "5000"),
+        ],
+    );
+    assert!(!ok, "{out}");
+    for w in [
+        "cache.offline: invalid type: integer `1`, expected a boolean (set by REGCACHE_CACHE__OFFLINE)",
+        "listen: invalid socket address syntax (set by REGCACHE_LISTEN)",
+    ] {
+        assert_eq!(out.matches(w).count(), 1, "want {w:?} once in:\n{out}");
+    }
+}
+
+#[test]
 fn version_names_the_git_commit_it_was_built_from() {
     let (ok, out) = regcache(&["--version"]);
     assert!(ok, "{out}");

@@ -50,6 +50,20 @@ pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
 pub const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
 /// Longest request target (path and query) answered; longer gets 414.
 pub const DEFAULT_MAX_URI_LENGTH: usize = 8 * 1024;
+/// Longest a TTL or age may be (`tag_ttl`, `max_stale`, `max_age`, `auth.cache_ttl` ...):
+/// "100years", past any use and well inside what the in-memory caches take (moka refuses over
+/// 1000 years, at start-up) and what clock arithmetic holds (`tag_ttl + max_stale`).
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+/// Longest a timeout, interval or breaker pause may be: "1day". Each is added to the clock
+/// (`now + breaker_open_for`), and waiting longer on an upstream, a client or the bucket
+/// only hides a mistake.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// Most client connections served at once (each needs a file descriptor and buffers).
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+/// Most requests in flight to one upstream.
+pub const MAX_MAX_CONCURRENT: usize = 10_000;
+/// Most blobs written to the bucket at once (each holds up to three parts in memory).
+pub const MAX_MAX_UPLOADS: usize = 1_000;
 /// The namespace Docker Hub gives one-component names (`alpine` -> `library/alpine`).
 pub const DOCKER_HUB_LIBRARY: &str = "library";
 pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
@@ -385,12 +399,13 @@ impl S3Config {
                 self.prefix
             ));
         }
-        if self.max_uploads == 0 {
-            p.push("storage.s3.max_uploads: must be at least 1".to_owned());
-        }
-        if self.timeout.is_zero() {
-            p.push("storage.s3.timeout: must be more than zero".to_owned());
-        }
+        check_count(
+            p,
+            "storage.s3.max_uploads",
+            self.max_uploads,
+            MAX_MAX_UPLOADS,
+        );
+        check_duration(p, "storage.s3.timeout", self.timeout, Span::Wait);
         if !(5 << 20..=5 << 30).contains(&self.part_size) {
             p.push("storage.s3.part_size: must be between 5MiB and 5GiB (S3's limits)".to_owned());
         }
@@ -797,6 +812,50 @@ fn de_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
     d.deserialize_any(OneOrMany)
 }
 
+/// The range a duration key takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Span {
+    /// A TTL or age: more than zero, at most [`MAX_TTL`].
+    Ttl,
+    /// A TTL where "0s" is a setting of its own (nothing reused, never stale): at most
+    /// [`MAX_TTL`].
+    TtlOrZero,
+    /// A timeout or interval: more than zero (zero fails every request, or spins), at most
+    /// [`MAX_WAIT`].
+    Wait,
+    /// An interval or pause where "0s" is a setting of its own (reload on SIGHUP only, probe
+    /// at once): at most [`MAX_WAIT`].
+    WaitOrZero,
+}
+
+/// Reports a duration its key cannot take: zero where zero means nothing, or past its bound.
+fn check_duration(p: &mut Vec<String>, key: &str, d: Duration, span: Span) {
+    let (zero_means, max) = match span {
+        Span::Ttl => (false, MAX_TTL),
+        Span::TtlOrZero => (true, MAX_TTL),
+        Span::Wait => (false, MAX_WAIT),
+        Span::WaitOrZero => (true, MAX_WAIT),
+    };
+    if d.is_zero() && !zero_means {
+        p.push(format!("{key}: must be more than zero"));
+    } else if d > max {
+        p.push(format!(
+            "{key}: {:?} is too long; at most {:?}",
+            humantime::format_duration(d).to_string(),
+            humantime::format_duration(max).to_string()
+        ));
+    }
+}
+
+/// Reports a count of slots (connections, requests, uploads) outside 1..=`max`: zero would
+/// let nothing through, and past `max` the semaphore holding them panics or the host runs
+/// out first.
+fn check_count(p: &mut Vec<String>, key: &str, n: usize, max: usize) {
+    if !(1..=max).contains(&n) {
+        p.push(format!("{key}: must be between 1 and {max}"));
+    }
+}
+
 /// Every problem found in a configuration, each with its key path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Problems(pub Vec<String>);
@@ -903,13 +962,25 @@ impl Config {
                 p.push(format!("cache.pin[{i}]: {pin:?}: {e}"));
             }
         }
-        for (key, d) in [
-            ("tag_ttl", c.tag_ttl),
-            ("revalidate_timeout", c.revalidate_timeout),
-        ] {
-            if d.is_zero() {
-                p.push(format!("cache.{key}: must be more than zero"));
-            }
+        let durations = [
+            ("cache.tag_ttl", c.tag_ttl, Span::Ttl),
+            ("cache.max_stale", c.max_stale, Span::TtlOrZero),
+            ("cache.revalidate_timeout", c.revalidate_timeout, Span::Wait),
+            ("cache.tags_list_ttl", c.tags_list_ttl, Span::TtlOrZero),
+            ("cache.negative_ttl", c.negative_ttl, Span::TtlOrZero),
+            // Zero would spin the lifecycle loop.
+            ("cache.gc_interval", c.gc_interval, Span::Wait),
+            ("auth.cache_ttl", self.auth.cache_ttl, Span::TtlOrZero),
+            (
+                "tls.reload_interval",
+                self.tls.reload_interval,
+                Span::WaitOrZero,
+            ),
+        ];
+        // A zero max_age would remove all content not in use at each pass; unset keeps it.
+        let max_age = c.max_age.map(|d| ("cache.max_age", d, Span::Ttl));
+        for (key, d, span) in durations.into_iter().chain(max_age) {
+            check_duration(&mut p, key, d, span);
         }
         let mut seen_hosts: BTreeMap<String, &str> = BTreeMap::new();
         for (name, u) in &self.upstreams {
@@ -940,11 +1011,28 @@ impl Config {
                     "{key}.short_name_prefix: {prefix:?} is not a valid repository path"
                 ));
             }
-            if u.max_concurrent == 0 {
-                p.push(format!("{key}.max_concurrent: must be at least 1"));
-            }
+            check_count(
+                &mut p,
+                &format!("{key}.max_concurrent"),
+                u.max_concurrent,
+                MAX_MAX_CONCURRENT,
+            );
             if u.breaker_failures == 0 {
                 p.push(format!("{key}.breaker_failures: must be at least 1"));
+            }
+            let durations = [
+                // Zero: fetched again for every request.
+                ("credential_ttl", u.credential_ttl, Span::TtlOrZero),
+                // Zero would time out every request.
+                ("connect_timeout", u.connect_timeout, Span::Wait),
+                ("response_timeout", u.response_timeout, Span::Wait),
+                ("read_timeout", u.read_timeout, Span::Wait),
+                // Zero: the probe goes at once after the breaker opens.
+                ("breaker_open_for", u.breaker_open_for, Span::WaitOrZero),
+            ];
+            let max_age = u.max_age.map(|d| ("max_age", d, Span::Ttl));
+            for (what, d, span) in durations.into_iter().chain(max_age) {
+                check_duration(&mut p, &format!("{key}.{what}"), d, span);
             }
             let sources = std::iter::once((
                 key.clone(),
@@ -1066,16 +1154,17 @@ impl Config {
             (None, None) => {}
         }
         let l = &self.limits;
-        if l.max_connections == 0 {
-            p.push("limits.max_connections: must be at least 1".to_owned());
-        }
+        check_count(
+            &mut p,
+            "limits.max_connections",
+            l.max_connections,
+            MAX_MAX_CONNECTIONS,
+        );
         for (key, d) in [
             ("header_read_timeout", l.header_read_timeout),
             ("idle_timeout", l.idle_timeout),
         ] {
-            if d.is_zero() {
-                p.push(format!("limits.{key}: must be more than zero"));
-            }
+            check_duration(&mut p, &format!("limits.{key}"), d, Span::Wait);
         }
         if l.max_header_bytes < MIN_MAX_HEADER_BYTES || l.max_header_bytes > u32::MAX as u64 {
             p.push(format!(
@@ -1097,7 +1186,16 @@ impl Config {
                 p.push(format!("{key}: {e}"));
             }
         }
-        if let Err(problems) = crate::access::Access::from_config(self) {
+        // Access builds its password cache with `auth.cache_ttl`, and the cache panics on
+        // one it refuses: that one is reported above, so the rest is checked with the default.
+        let access = if self.auth.cache_ttl <= MAX_TTL {
+            crate::access::Access::from_config(self)
+        } else {
+            let mut c = self.clone();
+            c.auth.cache_ttl = DEFAULT_AUTH_CACHE_TTL;
+            crate::access::Access::from_config(&c)
+        };
+        if let Err(problems) = access {
             p.extend(problems);
         }
         if p.is_empty() {
@@ -1246,6 +1344,198 @@ mod tests {
             "upstreams.\"b\".credentials[0].docker_config",
             "aliases.\"Bad\": not a valid",
             "no upstream serves registry \"nowhere.example\"",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    /// The problems `text` has, as one string (panics if it loads).
+    fn problems(text: &str) -> String {
+        match Config::parse(text, Path::new("t.toml")) {
+            Ok(_) => panic!("loaded:\n{text}"),
+            Err(LoadError::Invalid { problems, .. }) => problems.to_string(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const HUB: &str = "[upstreams.\"docker.io\"]\nurls = [\"https://registry-1.docker.io\"]\n";
+
+    /// Every duration key, each set to `ttl` or `wait` as its kind is.
+    fn every_duration(ttl: &str, wait: &str) -> String {
+        format!(
+            r#"
+            [cache]
+            tag_ttl = "{ttl}"
+            max_stale = "{ttl}"
+            revalidate_timeout = "{wait}"
+            tags_list_ttl = "{ttl}"
+            negative_ttl = "{ttl}"
+            max_age = "{ttl}"
+            gc_interval = "{wait}"
+            [auth]
+            cache_ttl = "{ttl}"
+            [tls]
+            reload_interval = "{wait}"
+            [limits]
+            header_read_timeout = "{wait}"
+            idle_timeout = "{wait}"
+            [storage]
+            kind = "s3"
+            [storage.s3]
+            bucket = "b"
+            timeout = "{wait}"
+            [upstreams."docker.io"]
+            urls = ["https://registry-1.docker.io"]
+            credential_ttl = "{ttl}"
+            max_age = "{ttl}"
+            connect_timeout = "{wait}"
+            response_timeout = "{wait}"
+            read_timeout = "{wait}"
+            breaker_open_for = "{wait}"
+            "#
+        )
+    }
+
+    #[test]
+    fn every_duration_has_a_bound_reported_with_its_key_not_a_panic() {
+        // Past 1000 years moka panics (in `validate` itself for auth.cache_ttl, at start-up
+        // for the rest); past a day a wait is a mistake, and the clock must hold `now + it`.
+        let all = problems(&every_duration("2000years", "2days"));
+        let ttl = "is too long; at most \"100years\"";
+        let wait = "is too long; at most \"1day\"";
+        for (key, bound) in [
+            ("cache.tag_ttl", ttl),
+            ("cache.max_stale", ttl),
+            ("cache.revalidate_timeout", wait),
+            ("cache.tags_list_ttl", ttl),
+            ("cache.negative_ttl", ttl),
+            ("cache.max_age", ttl),
+            ("cache.gc_interval", wait),
+            ("auth.cache_ttl", ttl),
+            ("tls.reload_interval", wait),
+            ("limits.header_read_timeout", wait),
+            ("limits.idle_timeout", wait),
+            ("storage.s3.timeout", wait),
+            ("upstreams.\"docker.io\".credential_ttl", ttl),
+            ("upstreams.\"docker.io\".max_age", ttl),
+            ("upstreams.\"docker.io\".connect_timeout", wait),
+            ("upstreams.\"docker.io\".response_timeout", wait),
+            ("upstreams.\"docker.io\".read_timeout", wait),
+            ("upstreams.\"docker.io\".breaker_open_for", wait),
+        ] {
+            let line = format!("{key}: \"");
+            assert!(
+                all.lines()
+                    .any(|l| l.starts_with(&line) && l.ends_with(bound)),
+                "missing {key} ... {bound} in:\n{all}"
+            );
+        }
+        assert!(
+            all.contains("cache.tag_ttl: \"2000years\" is too long"),
+            "{all}"
+        );
+        // The bounds themselves are fine.
+        Config::parse(&every_duration("100years", "1day"), Path::new("t.toml")).unwrap();
+    }
+
+    #[test]
+    fn the_bounds_fit_the_caches_and_the_clock() {
+        moka::sync::Cache::<u8, u8>::builder()
+            .time_to_live(MAX_TTL)
+            .build();
+        let now = std::time::Instant::now();
+        assert!(now.checked_add(MAX_WAIT).is_some());
+        assert!(
+            now.checked_add(MAX_TTL + MAX_TTL).is_some(),
+            "tag_ttl + max_stale"
+        );
+        for n in [MAX_MAX_CONNECTIONS, MAX_MAX_CONCURRENT, MAX_MAX_UPLOADS] {
+            tokio::sync::Semaphore::new(n);
+        }
+    }
+
+    #[test]
+    fn zero_is_refused_where_it_would_hang_or_fail_everything() {
+        let text = r#"
+            [cache]
+            gc_interval = "0s"
+            max_age = "0s"
+            revalidate_timeout = "0s"
+            [limits]
+            max_connections = 0
+            header_read_timeout = "0s"
+            idle_timeout = "0s"
+            [storage]
+            kind = "s3"
+            [storage.s3]
+            bucket = "b"
+            timeout = "0s"
+            max_uploads = 0
+            [upstreams."docker.io"]
+            urls = ["https://registry-1.docker.io"]
+            max_age = "0s"
+            connect_timeout = "0s"
+            response_timeout = "0s"
+            read_timeout = "0s"
+            max_concurrent = 0
+            breaker_failures = 0
+        "#;
+        let all = problems(text);
+        for needle in [
+            "cache.gc_interval: must be more than zero",
+            "cache.max_age: must be more than zero",
+            "cache.revalidate_timeout: must be more than zero",
+            "limits.max_connections: must be between 1 and 1000000",
+            "limits.header_read_timeout: must be more than zero",
+            "limits.idle_timeout: must be more than zero",
+            "storage.s3.timeout: must be more than zero",
+            "storage.s3.max_uploads: must be between 1 and 1000",
+            "upstreams.\"docker.io\".max_age: must be more than zero",
+            "upstreams.\"docker.io\".connect_timeout: must be more than zero",
+            "upstreams.\"docker.io\".response_timeout: must be more than zero",
+            "upstreams.\"docker.io\".read_timeout: must be more than zero",
+            "upstreams.\"docker.io\".max_concurrent: must be between 1 and 10000",
+            "upstreams.\"docker.io\".breaker_failures: must be at least 1",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn zero_stays_allowed_where_it_means_something() {
+        let text = format!(
+            r#"
+            [cache]
+            max_stale = "0s"
+            tags_list_ttl = "0s"
+            negative_ttl = "0s"
+            manifest_memory = 0
+            max_size = 0
+            min_free_disk = 0
+            [auth]
+            cache_ttl = "0s"
+            [tls]
+            reload_interval = "0s"
+            {HUB}
+            credential_ttl = "0s"
+            breaker_open_for = "0s"
+            "#
+        );
+        Config::parse(&text, Path::new("t.toml")).unwrap();
+    }
+
+    #[test]
+    fn slot_counts_past_what_a_semaphore_holds_are_refused() {
+        // 2^62 permits panic in tokio's Semaphore::new (at start-up, not here).
+        let text = format!(
+            "[limits]\nmax_connections = {n}\n[storage]\nkind = \"s3\"\n[storage.s3]\nbucket = \"b\"\nmax_uploads = {n}\n{HUB}max_concurrent = {n}\n",
+            n = 1u64 << 62
+        );
+        let all = problems(&text);
+        for needle in [
+            "limits.max_connections: must be between 1 and 1000000",
+            "storage.s3.max_uploads: must be between 1 and 1000",
+            "upstreams.\"docker.io\".max_concurrent: must be between 1 and 10000",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
