@@ -308,9 +308,10 @@ async fn a_token_is_fetched_again_shortly_before_it_expires() {
     tokens.push(&registry, "private/app", "1", &a1).await;
     tokens.push(&registry, "private/app", "2", &a2).await;
     tokens.reset();
-    // 13 s tokens: regcache drops them 10 s early, so each is reused for about 3 s.
-    // (distribution accepts a token for 60 s past its `exp`, so the old one would still work.)
-    tokens.set_expires_in(13);
+    // 6 s tokens: regcache uses a short-lived one for half its life, so each is reused for 3 s
+    // (a longer one until 10 s before it expires). distribution accepts a token for 60 s past
+    // its `exp`, so the old one would still work: only the count shows the refresh.
+    tokens.set_expires_in(6);
     let cache = regcache_with(upstream(
         &registry.url(),
         "username = \"alice\"\npassword = \"alice-secret\"\n",
