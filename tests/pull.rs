@@ -457,6 +457,59 @@ async fn a_tag_list_over_4_mib_comes_through() {
     );
 }
 
+/// A client that lists the index types with `q=0` refuses them (RFC 9110, 12.4.2): it is not
+/// served the cached index, its request is upstream's to answer, and its answer is not cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_weighted_zero_is_refused_not_served_from_the_cache() {
+    let s = setup(|_| {}).await;
+    let amd = Image::new(OCI_MANIFEST, "amd64", vec![Layer::new(93, 3000)]);
+    let index = Image::index(OCI_INDEX, vec![amd]);
+    s.registry.push("refusing/app", "1", &index).await;
+    let base = s.cache.url();
+
+    let resp = get_manifest(&base, "refusing/app", "1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], OCI_INDEX);
+    assert_eq!(s.meter.count("GET", "/manifests/1"), 1);
+
+    let no_index = format!("{OCI_INDEX};q=0, {DOCKER_LIST};q=0, {OCI_MANIFEST}, {DOCKER_V2}");
+    let resp = http()
+        .get(format!("{base}/v2/refusing/app/manifests/1"))
+        .header("accept", no_index)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        resp.headers()["cache-status"],
+        "regcache; hit",
+        "the cached index went to a client that refused it"
+    );
+    assert_eq!(
+        s.meter.count("GET", "/manifests/1"),
+        2,
+        "the refusing client's request was upstream's to answer"
+    );
+
+    // `*/*` with the index weighted zero refuses it too; `*/*` alone takes the cached index.
+    let resp = http()
+        .get(format!("{base}/v2/refusing/app/manifests/1"))
+        .header("accept", format!("*/*, {OCI_INDEX};q=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(resp.headers()["cache-status"], "regcache; hit");
+    assert_eq!(s.meter.count("GET", "/manifests/1"), 3);
+    let resp = http()
+        .get(format!("{base}/v2/refusing/app/manifests/1"))
+        .header("accept", "*/*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["cache-status"], "regcache; hit");
+    assert_eq!(resp.headers()["content-type"], OCI_INDEX);
+    assert_eq!(s.meter.count("GET", "/manifests/1"), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_list_is_passed_through_and_briefly_cached() {
     let s = setup(|_| {}).await;

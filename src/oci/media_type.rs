@@ -14,24 +14,89 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
-/// Whether a client whose `Accept` header values are `accept` takes `media_type`.
+/// Whether a client whose `Accept` header values are `accept` takes `media_type`, by RFC 9110
+/// (12.5.1): the most specific media range that matches decides (`type/subtype`, then `type/*`,
+/// then `*/*`), and a weight of `q=0` there means "not acceptable" (12.4.2).
 ///
-/// A client that sends no `Accept` (or `*/*`) takes whatever the cache holds.
+/// Leniencies, all on the side of taking a type: a client that sends no `Accept` (or only
+/// empty elements) takes whatever the cache holds; parameters other than `q` do not narrow a
+/// range (manifest types carry none, and a client that adds `charset` still means the type);
+/// of ranges as specific as each other, one with a weight above zero is enough; a weight that
+/// is not a well-formed qvalue counts as 1; a bare `*` (Java's default `Accept`) is `*/*`.
+///
+/// Runs on every manifest request: one pass over the header, no allocation.
 pub fn accepts<'a>(accept: impl IntoIterator<Item = &'a str>, media_type: &str) -> bool {
+    let main_type = media_type.split_once('/').map_or(media_type, |(t, _)| t);
     let mut any = false;
+    // (specificity, acceptable) of the most specific matching range so far.
+    let mut best: Option<(u8, bool)> = None;
     for value in accept {
-        for item in value.split(',') {
-            let mt = item.split(';').next().unwrap_or("").trim();
-            if mt.is_empty() {
+        for element in split_unquoted(value, b',') {
+            let mut parts = split_unquoted(element, b';');
+            let range = parts.next().unwrap_or("").trim();
+            if range.is_empty() {
                 continue;
             }
             any = true;
-            if mt == "*/*" || mt.eq_ignore_ascii_case(media_type) {
-                return true;
-            }
+            let specificity = match range.split_once('/') {
+                None if range == "*" => 1,
+                Some(("*", "*")) => 1,
+                Some((t, "*")) if t.eq_ignore_ascii_case(main_type) => 2,
+                Some(_) if range.eq_ignore_ascii_case(media_type) => 3,
+                _ => continue,
+            };
+            // The first `q` is the weight; parameters after it are extensions (12.5.1).
+            let weight = parts.find_map(|p| {
+                let (name, value) = p.split_once('=')?;
+                name.trim().eq_ignore_ascii_case("q").then(|| value.trim())
+            });
+            let acceptable = !weight.is_some_and(is_zero_qvalue);
+            best = match best {
+                Some((s, ok)) if s > specificity => Some((s, ok)),
+                Some((s, ok)) if s == specificity => Some((s, ok || acceptable)),
+                _ => Some((specificity, acceptable)),
+            };
         }
     }
-    !any
+    match best {
+        Some((_, acceptable)) => acceptable,
+        None => !any,
+    }
+}
+
+/// Whether a weight is a well-formed zero: `0` [ `.` 0*3`0` ] (RFC 9110, 12.4.2).
+fn is_zero_qvalue(q: &str) -> bool {
+    match q.strip_prefix('0') {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix('.')
+            .is_some_and(|frac| frac.len() <= 3 && frac.bytes().all(|b| b == b'0')),
+        None => false,
+    }
+}
+
+/// `s` split at each `sep` outside a quoted string (quoted parameter values may hold `,` and
+/// `;`). `sep` must be ASCII.
+fn split_unquoted(s: &str, sep: u8) -> impl Iterator<Item = &str> {
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, b) in s.bytes().enumerate() {
+            if escaped {
+                escaped = false;
+            } else if quoted && b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                quoted = !quoted;
+            } else if !quoted && b == sep {
+                rest = Some(&s[i + 1..]);
+                return Some(&s[..i]);
+            }
+        }
+        rest = None;
+        Some(s)
+    })
 }
 
 /// The media type of a manifest body whose response carried no useful `Content-Type`
@@ -97,6 +162,99 @@ mod tests {
             ],
             OCI_INDEX
         ));
+    }
+
+    /// RFC 9110, 12.4.2 and 12.5.1: `q=0` means "not acceptable", and the most specific range
+    /// that matches a type decides its weight.
+    #[test]
+    fn q_zero_refuses_and_the_most_specific_range_decides() {
+        let takes_every_type = |accept: &str| {
+            [
+                OCI_INDEX,
+                DOCKER_MANIFEST_LIST,
+                OCI_MANIFEST,
+                DOCKER_MANIFEST_V2,
+            ]
+            .iter()
+            .all(|mt| accepts([accept], mt))
+        };
+        // A client that refuses both index types in so many words.
+        let no_index = format!(
+            "{OCI_INDEX};q=0, {DOCKER_MANIFEST_LIST}; q=0, {OCI_MANIFEST}, {DOCKER_MANIFEST_V2}"
+        );
+        assert!(!accepts([no_index.as_str()], OCI_INDEX));
+        assert!(!accepts([no_index.as_str()], DOCKER_MANIFEST_LIST));
+        assert!(accepts([no_index.as_str()], OCI_MANIFEST));
+        assert!(!takes_every_type(&no_index));
+        assert!(takes_every_type(UPSTREAM_ACCEPT));
+        // The same refusal split over two header lines, with other spellings of zero.
+        assert!(!accepts(
+            [OCI_MANIFEST, &format!("{OCI_INDEX} ;Q=0.000")],
+            OCI_INDEX
+        ));
+        assert!(!accepts([format!("{OCI_INDEX};q=0.").as_str()], OCI_INDEX));
+
+        // Wildcards: `*/*` and `application/*` take every type unless weighted zero...
+        assert!(accepts(["application/*"], OCI_INDEX));
+        assert!(accepts(["application/*;q=0.1"], OCI_INDEX));
+        assert!(accepts(["*/*;q=0.1"], OCI_INDEX));
+        assert!(!accepts(["*/*;q=0"], OCI_INDEX));
+        assert!(!accepts(["application/*;q=0"], OCI_INDEX));
+        assert!(!accepts(["text/*"], OCI_INDEX));
+        assert!(!accepts(["*/json"], OCI_INDEX), "not a media range");
+        // ...and the most specific match decides, whatever the order.
+        let refused = format!("*/*, {OCI_INDEX};q=0");
+        assert!(!accepts([refused.as_str()], OCI_INDEX));
+        assert!(accepts([refused.as_str()], OCI_MANIFEST));
+        let refused = format!("{OCI_INDEX};q=0, application/*");
+        assert!(!accepts([refused.as_str()], OCI_INDEX));
+        assert!(accepts([refused.as_str()], DOCKER_MANIFEST_LIST));
+        let only = format!("{OCI_INDEX}, application/*;q=0, */*");
+        assert!(accepts([only.as_str()], OCI_INDEX));
+        assert!(
+            !accepts([only.as_str()], OCI_MANIFEST),
+            "application/* beats */*"
+        );
+        assert!(accepts(["application/*;q=0", "*/*"], "text/plain"));
+        // Two ranges as specific as each other: either one taking the type is enough.
+        assert!(accepts(
+            [format!("{OCI_INDEX};q=0, {OCI_INDEX};q=0.5").as_str()],
+            OCI_INDEX
+        ));
+
+        // Media types and `q` are case-insensitive; other parameters do not narrow a range.
+        assert!(accepts(
+            ["APPLICATION/VND.OCI.IMAGE.INDEX.V1+JSON; charset=utf-8"],
+            OCI_INDEX
+        ));
+        assert!(!accepts(
+            [format!("{OCI_INDEX}; charset=utf-8; Q=0").as_str()],
+            OCI_INDEX
+        ));
+        // Only the first `q` is the weight; what follows it is an extension.
+        assert!(!accepts(
+            [format!("{OCI_INDEX};q=0;ext=1;q=1").as_str()],
+            OCI_INDEX
+        ));
+        // A malformed weight counts as 1: only a well-formed zero refuses.
+        for q in [
+            "", "x", "0x", "-1", "2", "1.5", "\"0\"", ".5", ".0", "00", "0.0000",
+        ] {
+            assert!(
+                accepts([format!("{OCI_INDEX};q={q}").as_str()], OCI_INDEX),
+                "q={q}"
+            );
+        }
+        // Commas and semicolons inside quoted parameter values split nothing.
+        let quoted = format!("{OCI_MANIFEST};x=\"a, {OCI_INDEX}\", {DOCKER_MANIFEST_V2}");
+        assert!(!accepts([quoted.as_str()], OCI_INDEX));
+        let quoted = format!("{OCI_INDEX};x=\"a\\\";q=0\"");
+        assert!(accepts([quoted.as_str()], OCI_INDEX), "{quoted}");
+        // A header of nothing but empty elements is no header; one of nonsense takes nothing.
+        assert!(accepts([" , ,"], OCI_INDEX));
+        assert!(!accepts(["nonsense"], OCI_INDEX));
+        // Java's default Accept: a bare `*` is `*/*`.
+        assert!(accepts(["text/html, image/gif, *; q=.2"], OCI_INDEX));
     }
 
     #[test]
