@@ -41,16 +41,19 @@ async fn two_upstreams() -> Two {
 async fn every_routing_way_reaches_the_right_upstream() {
     let t = two_upstreams().await;
     let base = t.cache.url();
-    let (alpine, tool, img, myapp) = (
+    let (alpine, tool, img, myapp, grouped) = (
         Image::simple(31, 2),
         Image::simple(32, 1),
         Image::simple(33, 2),
         Image::simple(34, 1),
+        Image::simple(37, 1),
     );
     t.hub.push("library/alpine", "3", &alpine).await;
     t.hub.push("team/tool", "1", &tool).await;
     t.ghcr.push("owner/img", "1", &img).await;
     t.ghcr.push("team/myapp", "1", &myapp).await;
+    // A first component that looks like a host but is none (`_`): a repository path all the same.
+    t.ghcr.push("my_group.v2/app", "1", &grouped).await;
 
     // (a) registry-mirror style: short names get library/ on Docker Hub.
     assert_eq!(pull(&base, "alpine", "3").await, alpine.digest());
@@ -64,6 +67,7 @@ async fn every_routing_way_reaches_the_right_upstream() {
     for (repo, tag, ns, want) in [
         ("owner/img", "1", "ghcr.io", img.digest()),
         ("library/alpine", "3", "docker.io", alpine.digest()),
+        ("my_group.v2/app", "1", "ghcr.io", grouped.digest()),
     ] {
         let resp = http()
             .get(format!("{base}/v2/{repo}/manifests/{tag}?ns={ns}"))
@@ -99,7 +103,8 @@ async fn every_routing_way_reaches_the_right_upstream() {
     assert!(
         ghcr_paths.iter().all(|p| p == "/v2/"
             || p.starts_with("/v2/owner/img/")
-            || p.starts_with("/v2/team/myapp/")),
+            || p.starts_with("/v2/team/myapp/")
+            || p.starts_with("/v2/my_group.v2/app/")),
         "{ghcr_paths:?}"
     );
     assert!(

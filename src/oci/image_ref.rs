@@ -2,8 +2,9 @@
 //! request paths, with Docker's normalisation rules.
 //!
 //! The first component of a name is a registry host when it contains `.` or `:`, is
-//! `localhost`, or has upper-case letters (Docker's rule); everything after it must be a
-//! repository path. `docker.io` and `index.docker.io` are Docker Hub, where a one-component
+//! `localhost`, or has upper-case letters (Docker's rule), and is a valid host; everything after
+//! it must be a repository path. In a request path, a first component that only looks like a
+//! host (`my_group.v2/app`) is read as part of a repository path. `docker.io` and `index.docker.io` are Docker Hub, where a one-component
 //! path gets `library/`.
 
 use std::fmt;
@@ -91,16 +92,20 @@ impl FromStr for Name {
         if s.len() > MAX_NAME_LEN {
             return Err(NameError::TooLong);
         }
+        let whole = s.parse::<RepoName>();
+        // A first component that looks like a host but is not a valid one (`my_group.v2`) names
+        // no registry: the whole-name reading alone decides.
         let split = match s.split_once('/') {
-            Some((first, rest)) if is_registry_component(first) => {
-                if !valid_registry(first) {
-                    return Err(NameError::Invalid(s.to_owned()));
+            Some((first, rest)) if is_registry_component(first) && valid_registry(first) => {
+                match rest.parse::<RepoName>() {
+                    Ok(path) => Some((canonical_registry(first), path)),
+                    Err(e) if whole.is_err() => return Err(e),
+                    Err(_) => None,
                 }
-                Some((canonical_registry(first), rest.parse::<RepoName>()?))
             }
             _ => None,
         };
-        let whole = s.parse::<RepoName>().ok();
+        let whole = whole.ok();
         if split.is_none() && whole.is_none() {
             return Err(NameError::Invalid(s.to_owned()));
         }
@@ -346,6 +351,15 @@ mod tests {
         let n: Name = "INDEX.docker.io/x".parse().unwrap();
         assert_eq!(n.registry().unwrap().0, "docker.io");
 
+        // A first component that looks like a host but is none (`_` is no host character)
+        // gives no registry reading; the whole name is still a repository path, which is what
+        // containerd's `?ns=` means by it.
+        for name in ["my_group.v2/app", "foo_bar.com/x/y", "a__b.c/d"] {
+            let n: Name = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(n.registry().is_none(), "{name}");
+            assert_eq!(n.whole().unwrap().as_str(), name);
+        }
+
         for bad in [
             "..",
             "a/../b",
@@ -353,6 +367,9 @@ mod tests {
             "host:99999999/x",
             "Upper/Case",
             "x/",
+            "bad_host:5000/x",
+            "my_group.v2/App",
+            "Foo_Bar/app",
         ] {
             assert!(bad.parse::<Name>().is_err(), "{bad:?}");
         }
