@@ -1,9 +1,12 @@
 //! Manifest media types and `Accept` negotiation.
 
+use std::borrow::Cow;
+
 pub const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_MANIFEST_V1_SIGNED: &str =
     "application/vnd.docker.distribution.manifest.v1+prettyjws";
+pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
@@ -100,8 +103,10 @@ fn split_unquoted(s: &str, sep: u8) -> impl Iterator<Item = &str> {
 }
 
 /// The media type of a manifest body whose response carried no useful `Content-Type`
-/// (some registries send `application/json` or nothing): the `mediaType` field, else the shape.
-pub fn sniff(body: &[u8]) -> Option<&'static str> {
+/// (some registries send `application/json` or nothing): the `mediaType` field when it is a
+/// well-formed, specific media type (a known one in its canonical spelling, any other as the
+/// body spells it: an artifact manifest, say), else the shape.
+pub fn sniff(body: &[u8]) -> Option<Cow<'static, str>> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Shape {
@@ -118,16 +123,43 @@ pub fn sniff(body: &[u8]) -> Option<&'static str> {
         OCI_MANIFEST,
         OCI_INDEX,
         DOCKER_MANIFEST_V1_SIGNED,
+        DOCKER_MANIFEST_V1,
     ];
-    if let Some(mt) = s.media_type {
-        return known.into_iter().find(|k| *k == mt);
+    if let Some(mt) = s
+        .media_type
+        .filter(|mt| is_media_type(mt) && !is_generic(Some(mt)))
+    {
+        return Some(
+            match known.into_iter().find(|k| k.eq_ignore_ascii_case(&mt)) {
+                Some(k) => Cow::Borrowed(k),
+                None => Cow::Owned(mt),
+            },
+        );
     }
-    match (s.schema_version, s.manifests, s.layers, s.signatures) {
-        (Some(1), _, _, Some(_)) => Some(DOCKER_MANIFEST_V1_SIGNED),
-        (Some(2), Some(_), _, _) => Some(OCI_INDEX),
-        (Some(2), None, Some(_), _) => Some(OCI_MANIFEST),
-        _ => None,
-    }
+    let shape = match (s.schema_version, s.manifests, s.layers, s.signatures) {
+        (Some(1), _, _, Some(_)) => DOCKER_MANIFEST_V1_SIGNED,
+        (Some(1), _, _, None) => DOCKER_MANIFEST_V1,
+        (Some(2), Some(_), _, _) => OCI_INDEX,
+        (Some(2), None, Some(_), _) => OCI_MANIFEST,
+        _ => return None,
+    };
+    Some(Cow::Borrowed(shape))
+}
+
+/// Whether `s` is a bare media type, `type/subtype`, by RFC 6838's restricted-name rule (the
+/// OCI spec's grammar for `mediaType`): each name starts with a letter or digit and has at
+/// most 127 characters from `A-Za-z0-9!#$&^_.+-`. No parameters, spaces or control
+/// characters, so it is safe to send back as a `Content-Type`.
+fn is_media_type(s: &str) -> bool {
+    let name = |n: &str| {
+        let b = n.as_bytes();
+        (1..=127).contains(&b.len())
+            && b[0].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(c))
+    };
+    s.split_once('/')
+        .is_some_and(|(t, sub)| name(t) && name(sub))
 }
 
 /// Whether a `Content-Type` needs [`sniff`]ing rather than being passed on as it is.
@@ -260,18 +292,61 @@ mod tests {
     #[test]
     fn sniffing() {
         assert_eq!(
-            sniff(br#"{"schemaVersion":2,"manifests":[]}"#),
+            sniff(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
             Some(OCI_INDEX)
         );
         assert_eq!(
-            sniff(br#"{"schemaVersion":2,"config":{},"layers":[]}"#),
+            sniff(br#"{"schemaVersion":2,"config":{},"layers":[]}"#).as_deref(),
             Some(OCI_MANIFEST)
         );
         assert_eq!(
             sniff(
                 format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_LIST}"}}"#).as_bytes()
-            ),
+            )
+            .as_deref(),
             Some(DOCKER_MANIFEST_LIST)
+        );
+        // A type outside the known ones is the body's own word for it, when it is well formed.
+        for mt in [
+            "application/vnd.oci.artifact.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v1+json",
+            "application/vnd.example.thing.v1+json",
+        ] {
+            let body = format!(r#"{{"schemaVersion":2,"mediaType":"{mt}","blobs":[]}}"#);
+            assert_eq!(sniff(body.as_bytes()).as_deref(), Some(mt));
+        }
+        // A known type comes back in its canonical spelling.
+        assert_eq!(
+            sniff(br#"{"mediaType":"application/vnd.OCI.image.index.v1+json"}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
+        // A malformed one is no type at all: the shape decides.
+        let long = format!("application/{}", "x".repeat(200));
+        for bad in [
+            "",
+            "json",
+            "application/",
+            "/json",
+            "application/vnd.oci.image.index.v1+json; charset=utf-8",
+            "application/json\r\nX-Evil: 1",
+            "application /json",
+            "application/json/x",
+            "-application/json",
+            "application/json",
+            "text/plain",
+            long.as_str(),
+        ] {
+            let body = serde_json::json!({"schemaVersion": 2, "mediaType": bad, "manifests": []});
+            assert_eq!(
+                sniff(body.to_string().as_bytes()).as_deref(),
+                Some(OCI_INDEX),
+                "{bad:?}"
+            );
+        }
+        // Schema 1 without signatures.
+        assert_eq!(
+            sniff(br#"{"schemaVersion":1,"name":"a","tag":"1","fsLayers":[]}"#).as_deref(),
+            Some(DOCKER_MANIFEST_V1)
         );
         assert_eq!(sniff(b"not json"), None);
         assert!(is_generic(Some("application/json; charset=utf-8")));

@@ -1,6 +1,7 @@
 //! Manifests: by digest immutable; by tag cached for `tag_ttl`, then revalidated with a HEAD,
 //! served stale when upstream fails.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -349,9 +350,9 @@ impl Proxy {
         let bytes = read_document(t, body, super::MAX_DOCUMENT).await?;
         let media_type = if media_type::is_generic(content_type) {
             media_type::sniff(&bytes)
-                .or(content_type)
-                .unwrap_or(media_type::OCI_MANIFEST)
-                .to_owned()
+                .or(content_type.map(Cow::Borrowed))
+                .unwrap_or(Cow::Borrowed(media_type::OCI_MANIFEST))
+                .into_owned()
         } else {
             content_type.unwrap_or_default().to_owned()
         };
