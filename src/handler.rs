@@ -437,11 +437,17 @@ async fn dispatch<B>(
             if let Some(ct) = &list.content_type {
                 resp = resp.header(header::CONTENT_TYPE, ct);
             }
-            if let Some(link) = list
-                .link
-                .as_ref()
-                .and_then(|l| rewrite_link(l, t.repo.as_str(), name.as_str(), parsed.ns.as_deref()))
-            {
+            if let Some(link) = list.link.as_ref().and_then(|l| {
+                // The base URLs the upstream was built from (checked when the config loaded).
+                let upstream = proxy.config().upstreams.get(&t.upstream.name);
+                let urls: Vec<url::Url> = upstream
+                    .into_iter()
+                    .flat_map(|u| &u.urls)
+                    .filter_map(|u| u.parse().ok())
+                    .collect();
+                let ns = parsed.ns.as_deref();
+                rewrite_link(l, &urls, t.repo.as_str(), name.as_str(), ns)
+            }) {
                 resp = resp.header(header::LINK, link);
             }
             let body = if head {
@@ -518,58 +524,195 @@ fn strip_ns(query: &str) -> String {
         .finish()
 }
 
-/// Rewrites upstream's pagination link so the client asks us, under its own name.
+/// Rewrites upstream's pagination links so the client asks us, under its own name.
+///
+/// Every `<URI-Reference>` in the `Link` value (RFC 8288) is resolved as a client would resolve
+/// it, against the request regcache made to one of `upstream`'s base URLs. One that names the
+/// repository's `tags/list` there (below the base URL's path, or at the origin's root, as
+/// registries behind a path prefix also answer) becomes our own
+/// `/v2/<client_repo>/tags/list?<its query>`, plus `ns` when the client routed by it. The
+/// origin is not checked: an absolute link to the same list anywhere would send the client
+/// around us. Other links, and the parameters of every link, pass through as they are.
 fn rewrite_link(
     link: &HeaderValue,
+    upstream: &[url::Url],
     upstream_repo: &str,
     client_repo: &str,
     ns: Option<&str>,
 ) -> Option<HeaderValue> {
     let s = link.to_str().ok()?;
-    // An absolute link (`<https://upstream/v2/...>`) would send the client around us.
-    let s = match (s.find("<http://").or(s.find("<https://")), s.find('>')) {
-        (Some(0), Some(end)) => {
-            let after_scheme = s.find("//").expect("matched above") + 2;
-            let path = s[after_scheme..end].find('/').map(|i| after_scheme + i)?;
-            format!("<{}", &s[path..])
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len() + 32);
+    // `s[..copied]` is in `out`; `<` inside a quoted parameter value starts no URI.
+    let (mut copied, mut i, mut quoted) = (0, 0, false);
+    while i < b.len() {
+        match b[i] {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            b'<' if !quoted => {
+                let Some(len) = s[i + 1..].find('>') else {
+                    break;
+                };
+                let uri = &s[i + 1..i + 1 + len];
+                if let Some(ours) = link_target(uri, upstream, upstream_repo, client_repo, ns) {
+                    out.push_str(&s[copied..=i]);
+                    out.push_str(&ours);
+                    copied = i + 1 + len;
+                }
+                i += len + 1;
+            }
+            _ => {}
         }
-        _ => s.to_owned(),
-    };
-    let from = format!("/v2/{upstream_repo}/tags/list");
-    let to = format!("/v2/{client_repo}/tags/list");
-    let mut out = s.replacen(&from, &to, 1);
-    if let Some(ns) = ns
-        && let Some(pos) = out.find('>')
-    {
-        let sep = if out[..pos].contains('?') { '&' } else { '?' };
-        let enc: String = url::form_urlencoded::byte_serialize(ns.as_bytes()).collect();
-        out.insert_str(pos, &format!("{sep}ns={enc}"));
+        i += 1;
     }
+    out.push_str(&s[copied..]);
     HeaderValue::from_str(&out).ok()
+}
+
+/// Our path for one link's URI, when it names the repository's tags list upstream.
+fn link_target(
+    uri: &str,
+    upstream: &[url::Url],
+    upstream_repo: &str,
+    client_repo: &str,
+    ns: Option<&str>,
+) -> Option<String> {
+    let list = format!("/v2/{upstream_repo}/tags/list");
+    let resolved = upstream.iter().find_map(|base| {
+        let base_path = base.path().trim_end_matches('/');
+        let mut request = base.clone();
+        request.set_path(&format!("{base_path}{list}"));
+        request.set_query(None);
+        request.set_fragment(None);
+        let to = request.join(uri.trim()).ok()?;
+        let path = to.path();
+        let names_list = path == list || path.strip_prefix(base_path) == Some(list.as_str());
+        (matches!(to.scheme(), "http" | "https") && names_list).then_some(to)
+    })?;
+    let mut ours = format!("/v2/{client_repo}/tags/list");
+    let query = resolved.query().filter(|q| !q.is_empty());
+    if let Some(q) = query {
+        ours.push('?');
+        ours.push_str(q);
+    }
+    if let Some(ns) = ns {
+        ours.push(if query.is_some() { '&' } else { '?' });
+        ours.push_str("ns=");
+        ours.extend(url::form_urlencoded::byte_serialize(ns.as_bytes()));
+    }
+    Some(ours)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn urls(urls: &[&str]) -> Vec<url::Url> {
+        urls.iter().map(|u| u.parse().unwrap()).collect()
+    }
+
     #[test]
     fn link_rewriting() {
+        let hub = urls(&["https://registry-1.docker.io"]);
         let l = HeaderValue::from_static("</v2/library/alpine/tags/list?n=2&last=b>; rel=\"next\"");
         assert_eq!(
-            rewrite_link(&l, "library/alpine", "alpine", None).unwrap(),
+            rewrite_link(&l, &hub, "library/alpine", "alpine", None).unwrap(),
             "</v2/alpine/tags/list?n=2&last=b>; rel=\"next\""
         );
         assert_eq!(
-            rewrite_link(&l, "library/alpine", "library/alpine", Some("docker.io")).unwrap(),
+            rewrite_link(
+                &l,
+                &hub,
+                "library/alpine",
+                "library/alpine",
+                Some("docker.io")
+            )
+            .unwrap(),
             "</v2/library/alpine/tags/list?n=2&last=b&ns=docker.io>; rel=\"next\""
         );
         let abs = HeaderValue::from_static(
             "<https://registry-1.docker.io/v2/library/alpine/tags/list?last=b>; rel=\"next\"",
         );
         assert_eq!(
-            rewrite_link(&abs, "library/alpine", "alpine", None).unwrap(),
+            rewrite_link(&abs, &hub, "library/alpine", "alpine", None).unwrap(),
             "</v2/alpine/tags/list?last=b>; rel=\"next\""
         );
+    }
+
+    /// An upstream below a base path (Artifactory's `/artifactory/api/docker/<repo-key>`)
+    /// links below it too; the client must get our path, not the base path in front of it.
+    #[test]
+    fn link_rewriting_drops_the_upstream_base_path() {
+        let art = urls(&[
+            "https://art-1.example/artifactory/api/docker/remote",
+            "https://art.example/artifactory/api/docker/remote/",
+        ]);
+        let want = "</v2/art/team/app/tags/list?n=2&last=b>; rel=\"next\"";
+        for link in [
+            "</artifactory/api/docker/remote/v2/team/app/tags/list?n=2&last=b>; rel=\"next\"",
+            "<https://art.example/artifactory/api/docker/remote/v2/team/app/tags/list?n=2&last=b>; rel=\"next\"",
+            "<HTTPS://ART.example:443/artifactory/api/docker/remote/v2/team/app/tags/list?n=2&last=b>; rel=\"next\"",
+            // At the origin's root, as a registry behind a path prefix often answers too.
+            "</v2/team/app/tags/list?n=2&last=b>; rel=\"next\"",
+            // Relative to the request's own path.
+            "<list?n=2&last=b>; rel=\"next\"",
+        ] {
+            let l = HeaderValue::from_str(link).unwrap();
+            assert_eq!(
+                rewrite_link(&l, &art, "team/app", "art/team/app", None).unwrap(),
+                want,
+                "{link}"
+            );
+        }
+        let l = HeaderValue::from_static(
+            "</artifactory/api/docker/remote/v2/team/app/tags/list>; rel=\"next\"",
+        );
+        assert_eq!(
+            rewrite_link(&l, &art, "team/app", "team/app", Some("art.example")).unwrap(),
+            "</v2/team/app/tags/list?ns=art.example>; rel=\"next\""
+        );
+        // Another repository's list, another path on the upstream, another scheme: untouched.
+        for link in [
+            "</artifactory/api/docker/remote/v2/team/other/tags/list?n=2>; rel=\"next\"",
+            "</artifactory/api/docker/remote/v2/_catalog?n=2>; rel=\"next\"",
+            "</artifactory/api/docker/elsewhere/v2/team/app/tags/list?n=2>; rel=\"next\"",
+            "<ftp://art.example/v2/team/app/tags/list>; rel=\"next\"",
+        ] {
+            let l = HeaderValue::from_str(link).unwrap();
+            assert_eq!(
+                rewrite_link(&l, &art, "team/app", "art/team/app", None).unwrap(),
+                link
+            );
+        }
+    }
+
+    /// Every link of a value with several is rewritten, wherever it starts.
+    #[test]
+    fn link_rewriting_rewrites_every_link() {
+        let ghcr = urls(&["https://ghcr.example"]);
+        let l = HeaderValue::from_static(
+            "<https://docs.example/tags>; rel=\"help\"; title=\"a <b>, c\", \
+             <https://ghcr.example/v2/team/app/tags/list?n=1>; rel=\"first\", \
+             </v2/team/app/tags/list?n=1&last=b>; rel=\"next\"",
+        );
+        assert_eq!(
+            rewrite_link(&l, &ghcr, "team/app", "ghcr.io/team/app", Some("ghcr.io")).unwrap(),
+            "<https://docs.example/tags>; rel=\"help\"; title=\"a <b>, c\", \
+             </v2/ghcr.io/team/app/tags/list?n=1&ns=ghcr.io>; rel=\"first\", \
+             </v2/ghcr.io/team/app/tags/list?n=1&last=b&ns=ghcr.io>; rel=\"next\""
+        );
+        // A quoted `\"` does not end the quoted string; an unclosed `<` leaves the rest as is.
+        let l = HeaderValue::from_static(
+            "</v2/team/app/tags/list?n=1>; title=\"\\\" <x>\", </v2/team/app/tags/list?n=2",
+        );
+        assert_eq!(
+            rewrite_link(&l, &ghcr, "team/app", "app", None).unwrap(),
+            "</v2/app/tags/list?n=1>; title=\"\\\" <x>\", </v2/team/app/tags/list?n=2"
+        );
+    }
+
+    #[test]
+    fn ns_is_ours() {
         assert_eq!(strip_ns("n=2&ns=ghcr.io&last=x"), "n=2&last=x");
     }
 }

@@ -3,10 +3,12 @@
 
 mod common;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use regcache::config::Sendfile;
 
+use common::fake::{Fake, respond};
 use common::image::{self, DOCKER_LIST, DOCKER_V2, OCI_INDEX, OCI_MANIFEST};
 use common::{
     ACCEPT_ALL, Image, Layer, Meter, Regcache, Registry, Scrape, get_blob, get_manifest, http, pull,
@@ -539,6 +541,95 @@ async fn tags_list_is_passed_through_and_briefly_cached() {
         s.meter.count("GET", "/tags/list"),
         before,
         "reused within tags_list_ttl"
+    );
+}
+
+/// An upstream below a base path (as Artifactory serves one) links its next tags page below
+/// that path, relative or absolute and among other links; each link to the list is sent back
+/// to regcache's own `/v2/` path under the client's name, so every page comes through regcache.
+/// A fake upstream, as distribution 2.8 does not paginate tags lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_list_pages_of_an_upstream_below_a_base_path_come_through_regcache() {
+    const PREFIX: &str = "/artifactory/api/docker/remote";
+    let origin = Arc::new(OnceLock::<String>::new());
+    let up = {
+        let origin = Arc::clone(&origin);
+        Fake::start(move |parts| {
+            let origin = origin.get().cloned().unwrap_or_default();
+            async move {
+                let path = parts.uri.path();
+                if path == format!("{PREFIX}/v2/") {
+                    return respond(200, &[], "{}");
+                }
+                if path != format!("{PREFIX}/v2/team/paged/tags/list") {
+                    return respond(404, &[], r#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#);
+                }
+                let last = url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                    .find(|(k, _)| k == "last")
+                    .map(|(_, v)| v.into_owned());
+                let (tags, link) = match last.as_deref() {
+                    None => (
+                        ["a"],
+                        Some(format!(
+                            "<{PREFIX}/v2/team/paged/tags/list?n=1&last=a>; rel=\"next\""
+                        )),
+                    ),
+                    Some("a") => (
+                        ["b"],
+                        Some(format!(
+                            "<https://docs.example/tags>; rel=\"help\", \
+                             <{origin}{PREFIX}/v2/team/paged/tags/list?n=1&last=b>; rel=\"next\""
+                        )),
+                    ),
+                    _ => (["c"], None),
+                };
+                let body = serde_json::json!({"name": "team/paged", "tags": tags}).to_string();
+                let mut headers = vec![("content-type", "application/json")];
+                if let Some(link) = &link {
+                    headers.push(("link", link));
+                }
+                respond(200, &headers, body)
+            }
+        })
+        .await
+    };
+    origin.set(up.url()).unwrap();
+    let cache = Regcache::start(&format!("{}{PREFIX}", up.url()), |_| {}).await;
+    let base = cache.url();
+
+    let (mut next, mut tags, mut links) = (
+        Some("/v2/docker.io/team/paged/tags/list?n=1".to_owned()),
+        Vec::<String>::new(),
+        Vec::new(),
+    );
+    while let Some(path) = next.take() {
+        assert!(tags.len() < 3, "more pages than tags: {links:?}");
+        let resp = http().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path} (links so far: {links:?})");
+        if let Some(link) = resp.headers().get("link") {
+            let link = link.to_str().unwrap().to_owned();
+            let target = link
+                .split(", ")
+                .find(|l| l.ends_with("rel=\"next\""))
+                .and_then(|l| l.strip_prefix('<')?.split_once('>'))
+                .map(|(uri, _)| uri.to_owned())
+                .unwrap_or_else(|| panic!("no next link: {link}"));
+            assert!(
+                target.starts_with("/v2/docker.io/team/paged/tags/list?"),
+                "not regcache's path for the client's name: {link}"
+            );
+            links.push(link);
+            next = Some(target);
+        }
+        let v: serde_json::Value = resp.json().await.unwrap();
+        tags.extend(serde_json::from_value::<Vec<String>>(v["tags"].clone()).unwrap());
+    }
+    assert_eq!(tags, ["a", "b", "c"], "{links:?}");
+    assert_eq!(
+        links[1],
+        "<https://docs.example/tags>; rel=\"help\", \
+         </v2/docker.io/team/paged/tags/list?n=1&last=b>; rel=\"next\"",
+        "other links pass through"
     );
 }
 
