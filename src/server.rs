@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -367,8 +367,9 @@ struct Activity {
     /// Of those, the ones waiting on regcache rather than on the client.
     waiting: AtomicUsize,
     idle_since: Mutex<Instant>,
-    /// When something last moved: bytes on the socket, a body's next bytes, an answer.
-    moved: Mutex<Instant>,
+    /// Counts moves: bytes on the socket, a body's next bytes, an answer. A count, not a
+    /// time, as it moves on every write: the check compares it over a whole `idle_timeout`.
+    moves: AtomicU64,
 }
 
 impl Activity {
@@ -377,29 +378,35 @@ impl Activity {
             active: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
-            moved: Mutex::new(Instant::now()),
+            moves: AtomicU64::new(0),
         }
     }
 
     fn moved(&self) {
-        *self.moved.lock().expect("moved lock") = Instant::now();
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Completes once the connection has been idle, or stalled on its client, for `limit`.
+    /// Completes once the connection has been idle for `limit`, or stalled on its client for
+    /// a whole `limit` (found within two).
     async fn idle_for(&self, limit: Duration) -> &'static str {
         loop {
-            let since = if self.active.load(Ordering::SeqCst) == 0 {
-                Some((*self.idle_since.lock().expect("idle lock"), "idle"))
-            } else if self.waiting.load(Ordering::SeqCst) == 0 {
-                Some((*self.moved.lock().expect("moved lock"), "stalled"))
-            } else {
-                None
-            };
-            match since {
-                Some((since, why)) if since.elapsed() >= limit => return why,
-                // Look again when the quiet period could be over.
-                Some((since, _)) => tokio::time::sleep_until(since + limit).await,
-                None => tokio::time::sleep(limit).await,
+            if self.active.load(Ordering::SeqCst) == 0 {
+                let since = *self.idle_since.lock().expect("idle lock");
+                if since.elapsed() >= limit {
+                    return "idle";
+                }
+                tokio::time::sleep_until(since + limit).await;
+                continue;
+            }
+            // A wait on regcache that ended moved something, so an unchanged count with no
+            // wait now means the client took nothing all along.
+            let before = self.moves.load(Ordering::Relaxed);
+            tokio::time::sleep(limit).await;
+            if self.active.load(Ordering::SeqCst) > 0
+                && self.waiting.load(Ordering::SeqCst) == 0
+                && self.moves.load(Ordering::Relaxed) == before
+            {
+                return "stalled";
             }
         }
     }

@@ -27,8 +27,18 @@ application/vnd.docker.distribution.manifest.v2+json";
 /// of ranges as specific as each other, one with a weight above zero is enough; a weight that
 /// is not a well-formed qvalue counts as 1; a bare `*` (Java's default `Accept`) is `*/*`.
 ///
-/// Runs on every manifest request: one pass over the header, no allocation.
-pub fn accepts<'a>(accept: impl IntoIterator<Item = &'a str>, media_type: &str) -> bool {
+/// Runs on every manifest request, without allocating. Most clients send a plain list of types
+/// (Docker, containerd, podman): no weight, wildcard, parameter or quoted value. A match alone
+/// answers that, as cheaply as a string compare per type (the full parse below cost 4.5% of
+/// the hot manifest's CPU).
+pub fn accepts<'a, I>(accept: I, media_type: &str) -> bool
+where
+    I: IntoIterator<Item = &'a str> + Clone,
+{
+    if let Some(listed) = plain_list(accept.clone()) {
+        let mut listed = listed.peekable();
+        return listed.peek().is_none() || listed.any(|t| t.eq_ignore_ascii_case(media_type));
+    }
     let main_type = media_type.split_once('/').map_or(media_type, |(t, _)| t);
     let mut any = false;
     // (specificity, acceptable) of the most specific matching range so far.
@@ -65,6 +75,40 @@ pub fn accepts<'a>(accept: impl IntoIterator<Item = &'a str>, media_type: &str) 
         Some((_, acceptable)) => acceptable,
         None => !any,
     }
+}
+
+/// Whether a client whose `Accept` header values are `accept` takes every one of `types` (at
+/// most 64), as [`accepts`] says, in one pass over a plain list.
+pub fn accepts_all<'a, I>(accept: I, types: &[&str]) -> bool
+where
+    I: IntoIterator<Item = &'a str> + Clone,
+{
+    debug_assert!(types.len() <= 64);
+    let Some(listed) = plain_list(accept.clone()) else {
+        return types.iter().all(|t| accepts(accept.clone(), t));
+    };
+    let (mut any, mut taken) = (false, 0u64);
+    for t in listed {
+        any = true;
+        if let Some(i) = types.iter().position(|m| t.eq_ignore_ascii_case(m)) {
+            taken |= 1 << i;
+        }
+    }
+    !any || taken.count_ones() as usize == types.len()
+}
+
+/// The types of an `Accept` that is a plain list (no weight, wildcard, parameter or quoted
+/// value), else `None`.
+fn plain_list<'a, I>(accept: I) -> Option<impl Iterator<Item = &'a str>>
+where
+    I: IntoIterator<Item = &'a str> + Clone,
+{
+    let plain = |v: &str| !v.bytes().any(|b| matches!(b, b'*' | b';' | b'"'));
+    accept.clone().into_iter().all(plain).then(|| {
+        (accept.into_iter().flat_map(|v| v.split(',')))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    })
 }
 
 /// Whether a weight is a well-formed zero: `0` [ `.` 0*3`0` ] (RFC 9110, 12.4.2).
@@ -201,14 +245,15 @@ mod tests {
     #[test]
     fn q_zero_refuses_and_the_most_specific_range_decides() {
         let takes_every_type = |accept: &str| {
-            [
+            let types = [
                 OCI_INDEX,
                 DOCKER_MANIFEST_LIST,
                 OCI_MANIFEST,
                 DOCKER_MANIFEST_V2,
-            ]
-            .iter()
-            .all(|mt| accepts([accept], mt))
+            ];
+            let each = types.iter().all(|mt| accepts([accept], mt));
+            assert_eq!(accepts_all([accept], &types), each, "{accept}");
+            each
         };
         // A client that refuses both index types in so many words.
         let no_index = format!(
@@ -219,6 +264,13 @@ mod tests {
         assert!(accepts([no_index.as_str()], OCI_MANIFEST));
         assert!(!takes_every_type(&no_index));
         assert!(takes_every_type(UPSTREAM_ACCEPT));
+        // The plain lists real clients send take the quick path, with the same answers.
+        assert!(takes_every_type(&UPSTREAM_ACCEPT.to_uppercase()));
+        assert!(!takes_every_type(&format!(
+            "{OCI_INDEX}, {OCI_MANIFEST},, {DOCKER_MANIFEST_V2}"
+        )));
+        assert!(takes_every_type(" , "), "only empty elements: no Accept");
+        assert!(takes_every_type("*/*"));
         // The same refusal split over two header lines, with other spellings of zero.
         assert!(!accepts(
             [OCI_MANIFEST, &format!("{OCI_INDEX} ;Q=0.000")],

@@ -445,12 +445,13 @@ fn serve_stale(
 /// Whether the client takes every modern manifest type, so that upstream's answer to
 /// [`UPSTREAM_ACCEPT`] suits it and can be cached.
 fn takes_every_type(client: &ClientInfo) -> bool {
-    [
-        media_type::OCI_INDEX,
-        media_type::DOCKER_MANIFEST_LIST,
-        media_type::OCI_MANIFEST,
-        media_type::DOCKER_MANIFEST_V2,
-    ]
-    .iter()
-    .all(|mt| media_type::accepts([client.accept.as_str()], mt))
+    media_type::accepts_all(
+        [client.accept.as_str()],
+        &[
+            media_type::OCI_INDEX,
+            media_type::DOCKER_MANIFEST_LIST,
+            media_type::OCI_MANIFEST,
+            media_type::DOCKER_MANIFEST_V2,
+        ],
+    )
 }
