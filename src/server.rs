@@ -594,7 +594,16 @@ async fn serve_side(
             async move {
                 let (method, path) = (req.method(), req.uri().path());
                 let mut resp = handler::operator_endpoint(&proxy, method, path);
-                if resp.is_none() && admin {
+                // A browser marks every cross-origin request it sends with `Origin` (and a
+                // rebound host name's too): a web page may not drive the admin API, which the
+                // `regcache` CLI and curl, sending none, do.
+                if resp.is_none() && admin && req.headers().contains_key(http::header::ORIGIN) {
+                    let denied = crate::error::Error::Denied {
+                        reason: "admin_from_browser",
+                        message: "the admin API takes no requests from web pages".into(),
+                    };
+                    resp = Some(denied.to_response(false));
+                } else if resp.is_none() && admin {
                     resp = handler::admin_endpoint(&proxy, method, path, req.uri().query()).await;
                 }
                 Ok::<_, std::convert::Infallible>(

@@ -19,6 +19,16 @@ async fn admin_api_warms_lists_and_purges() {
     .await;
     let admin = format!("http://{}", cache.admin_addr.expect("admin listener"));
 
+    // A web page cannot drive it: browsers send `Origin` with a cross-site form POST.
+    let resp = http()
+        .post(format!("{admin}/admin/warm?image=app:1"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(common::error_code(resp).await, (403, "DENIED".into()));
+    assert_eq!(up.requests().len(), 0, "nothing warmed");
+
     // Warm: everything fetched once, then a real pull costs upstream nothing.
     let resp = http()
         .post(format!("{admin}/admin/warm?image=app:1"))

@@ -58,6 +58,10 @@ pub struct Bucket {
     avoid: moka::sync::Cache<(String, Digest), ()>,
     /// Uploads started or waiting for a slot (shutdown waits for them).
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Deletes of damaged objects under way, by key, each closed when done. An upload of the
+    /// same key waits for it, so a late delete cannot remove the good copy that replaced the
+    /// damaged one.
+    deleting: std::sync::Mutex<std::collections::HashMap<Path, Arc<Semaphore>>>,
 }
 
 impl Bucket {
@@ -82,6 +86,7 @@ impl Bucket {
                 .time_to_live(AVOID_FOR)
                 .build(),
             in_flight: Arc::default(),
+            deleting: std::sync::Mutex::default(),
         })
     }
 
@@ -197,9 +202,20 @@ impl Bucket {
         }
         let (this, key) = (Arc::clone(self), self.key(upstream, digest));
         tracing::error!(bucket = %self.name, %key, "bucket object does not match its digest; deleting it");
+        let done = Arc::new(Semaphore::new(0));
+        let deleting = Arc::clone(&done);
+        self.deleting
+            .lock()
+            .expect("deleting")
+            .insert(key.clone(), deleting);
         tokio::spawn(async move {
             let r = this.bounded(this.store.delete(&key)).await;
             let _ = this.outcome("delete", &key, r);
+            let mut deleting = this.deleting.lock().expect("deleting");
+            if deleting.get(&key).is_some_and(|d| Arc::ptr_eq(d, &done)) {
+                deleting.remove(&key);
+            }
+            done.close();
         });
     }
 
@@ -224,6 +240,11 @@ impl Bucket {
         };
         tokio::spawn(async move {
             let _counted = counted;
+            let deleting = this.deleting.lock().expect("deleting").get(&key).cloned();
+            if let Some(deleting) = deleting {
+                // Closed when the delete is done: the wait ends with an error then.
+                let _ = deleting.acquire().await;
+            }
             let Ok(_permit) = Arc::clone(&this.uploads).acquire_owned().await else {
                 return;
             };
