@@ -45,14 +45,8 @@ async fn admin_api_warms_lists_and_purges() {
     assert_eq!(up.requests().len(), before, "warmed: no upstream contact");
 
     // ls names the tag with its digest and whole size.
-    let ls: serde_json::Value = http()
-        .get(format!("{admin}/admin/ls?repo=library/app"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ls: serde_json::Value =
+        common::get_json(format!("{admin}/admin/ls?repo=library/app")).await;
     assert_eq!(ls[0]["tag"], "1");
     assert_eq!(ls[0]["upstream"], "docker.io");
     assert_eq!(ls[0]["digest"], img.digest().as_str());

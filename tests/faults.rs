@@ -309,14 +309,8 @@ async fn a_slow_revalidation_of_a_tag_whose_manifest_is_gone_is_waited_for() {
     assert_eq!(purged["tags"], serde_json::json!([]));
     assert_eq!(purged["objects"], serde_json::json!([img.digest()]));
     assert!(!stored(cache.data.path(), &img.digest()));
-    let ls: serde_json::Value = http()
-        .get(format!("{admin}/admin/ls?repo=library/app"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ls: serde_json::Value =
+        common::get_json(format!("{admin}/admin/ls?repo=library/app")).await;
     assert_eq!(ls[0]["tag"], "1", "the tag entry is kept: {ls}");
     assert_eq!(ls[0]["digest"], img.digest().as_str());
 

@@ -20,6 +20,21 @@ async fn upstream_with_layer(faults: Faults, seed: u64, size: usize) -> (FakeReg
     (up, img)
 }
 
+/// A cold layer behind a fake upstream with `faults`, and regcache in front with its default
+/// config, where most tests here start: (upstream, image, regcache, the layer's digest, its URL
+/// through regcache).
+async fn cold_layer(
+    faults: Faults,
+    seed: u64,
+    size: usize,
+) -> (FakeRegistry, Image, Regcache, String, String) {
+    let (up, img) = upstream_with_layer(faults, seed, size).await;
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let layer = img.layers[0].digest();
+    let url = blob_url(&cache, &layer);
+    (up, img, cache, layer, url)
+}
+
 fn blob_url(cache: &Regcache, digest: &str) -> String {
     format!("{}/v2/app/blobs/{digest}", cache.url())
 }
@@ -65,10 +80,7 @@ async fn concurrent_cold_gets_share_one_upstream_fetch_that_streams() {
         drip: Some((10, Duration::from_millis(80))),
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 1, 2 << 20).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, img, _cache, layer, url) = cold_layer(faults, 1, 2 << 20).await;
 
     // Stream-through: the first bytes arrive while upstream is still sending.
     let mut first = http().get(&url).send().await.unwrap();
@@ -121,10 +133,7 @@ async fn a_client_that_disconnects_cancels_nothing_for_the_others() {
         drip: Some((8, Duration::from_millis(60))),
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 2, 1 << 20).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, _, cache, layer, url) = cold_layer(faults, 2, 1 << 20).await;
 
     let mut quitter = http().get(&url).send().await.unwrap();
     quitter.chunk().await.unwrap().expect("first chunk");
@@ -154,10 +163,7 @@ async fn a_fill_the_only_client_abandons_still_completes() {
         drip: Some((6, Duration::from_millis(50))),
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 3, 512 << 10).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, _, cache, layer, url) = cold_layer(faults, 3, 512 << 10).await;
 
     let mut only = http().get(&url).send().await.unwrap();
     only.chunk().await.unwrap().expect("first chunk");
@@ -180,10 +186,7 @@ async fn a_reset_fails_every_joined_reader_commits_nothing_and_the_retry_succeed
         reset_blobs: true,
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 4, 1 << 20).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, _, cache, layer, url) = cold_layer(faults, 4, 1 << 20).await;
 
     for r in get_concurrently(&url, 4).await {
         assert!(r.is_err(), "a reader got a complete-looking body");
@@ -202,10 +205,7 @@ async fn a_reset_fails_every_joined_reader_commits_nothing_and_the_retry_succeed
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_does_not_slow_a_fast_one() {
-    let (up, img) = upstream_with_layer(Faults::default(), 5, 24 << 20).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, _, _cache, layer, url) = cold_layer(Faults::default(), 5, 24 << 20).await;
 
     // The slow client reads one chunk and then stops reading.
     let mut slow = http().get(&url).send().await.unwrap();
@@ -235,10 +235,7 @@ async fn a_blob_without_content_length_is_streamed_verified_and_kept() {
         drip: Some((6, Duration::from_millis(30))),
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 7, 3 << 20).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, _, cache, layer, url) = cold_layer(faults, 7, 3 << 20).await;
 
     for r in get_concurrently(&url, 3).await {
         assert!(r.is_err(), "a corrupted body looked complete");
@@ -322,9 +319,7 @@ async fn bytes_received_before_an_upstream_pause_reach_disk() {
         drip: Some((2, Duration::from_secs(2))),
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 7, 600 * 1024).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
+    let (up, img, cache, layer, _) = cold_layer(faults, 7, 600 * 1024).await;
     let piece = img.layers[0].blob.len().div_ceil(2) as u64;
     assert!(piece < 512 * 1024, "the first piece is a part batch");
     let mut resp = http().get(blob_url(&cache, &layer)).send().await.unwrap();
@@ -481,10 +476,7 @@ async fn a_range_of_a_cold_blob_completes_only_once_the_digest_is_verified() {
         drip: Some((4, Duration::from_millis(150))),
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 80, 256 << 10).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, img, cache, layer, url) = cold_layer(faults, 80, 256 << 10).await;
 
     let resp = http()
         .get(&url)
@@ -537,10 +529,7 @@ async fn an_empty_answer_for_a_non_empty_blob_is_an_error_and_not_kept() {
         empty_blobs: true,
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 81, 64 << 10).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
-    let url = blob_url(&cache, &layer);
+    let (up, _, cache, layer, url) = cold_layer(faults, 81, 64 << 10).await;
 
     // Each attempt is a fill of its own: several, as the old failure (an empty 200) needed its
     // request to see upstream's headers before the fill's digest check failed.
@@ -569,9 +558,7 @@ async fn a_joiner_of_a_fill_that_failed_in_another_repository_fetches_its_own() 
         missing_blobs_in: Some(("library/nope".into(), Duration::from_millis(600))),
         ..Faults::default()
     };
-    let (up, img) = upstream_with_layer(faults, 82, 128 << 10).await;
-    let cache = Regcache::start(&up.url(), |_| {}).await;
-    let layer = img.layers[0].digest();
+    let (up, _, cache, layer, _) = cold_layer(faults, 82, 128 << 10).await;
     let nope = format!("/v2/library/nope/blobs/{layer}");
     let app = format!("/v2/library/app/blobs/{layer}");
 

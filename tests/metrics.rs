@@ -473,14 +473,7 @@ async fn prometheus_scrapes_regcache_and_the_shipped_rules_and_dashboard_evaluat
     // The shipped alert rules load and evaluate without errors.
     let mut healthy = 0;
     for _ in 0..20 {
-        let rules: serde_json::Value = http()
-            .get(format!("{}/api/v1/rules", prom.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let rules: serde_json::Value = common::get_json(format!("{}/api/v1/rules", prom.url)).await;
         let all: Vec<serde_json::Value> = rules["data"]["groups"]
             .as_array()
             .unwrap()

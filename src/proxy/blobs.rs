@@ -55,21 +55,15 @@ impl Proxy {
     ) -> Result<BlobAnswer> {
         self.client_check(t, Kind::Blob, &digest.to_string(), client)
             .await?;
-        match self.blob_checked(t, digest, head, client).await {
-            Ok(answer) => Ok(answer),
-            Err(Failure::Error(e)) => Err(e),
-            // Another request's fill went through its own repository, which lacks the blob
-            // or is denied it: this request's repository gets a fetch of its own, once the
-            // failed fill has left the flight.
-            Err(Failure::TheirRepository(fill, _)) => {
-                fill.settled().await;
-                match self.blob_checked(t, digest, head, client).await {
-                    Ok(answer) => Ok(answer),
-                    Err(Failure::Error(e)) => Err(e),
-                    Err(Failure::TheirRepository(_, e)) => Err(Error::Shared(e)),
-                }
-            }
-        }
+        // Another request's fill went through its own repository, which lacks the blob or is
+        // denied it: this request's repository gets a fetch of its own, once the failed fill
+        // has left the flight.
+        let first = self.blob_checked(t, digest, head, client).await;
+        let Err(Failure::TheirRepository(fill, _)) = first else {
+            return first.map_err(Failure::into_error);
+        };
+        fill.settled().await;
+        (self.blob_checked(t, digest, head, client).await).map_err(Failure::into_error)
     }
 
     async fn blob_checked(
@@ -332,6 +326,15 @@ enum Failure {
     /// A fill this request joined failed for the repository it was started for (upstream
     /// has no such blob there, or denies it), which may not be this request's.
     TheirRepository(Arc<Fill>, Arc<Error>),
+}
+
+impl Failure {
+    fn into_error(self) -> Error {
+        match self {
+            Failure::Error(e) => e,
+            Failure::TheirRepository(_, e) => Error::Shared(e),
+        }
+    }
 }
 
 impl<E: Into<Error>> From<E> for Failure {

@@ -442,6 +442,11 @@ pub fn init_tracing() {
 /// All accept types a modern client sends.
 pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
+/// GETs `url` and reads its body as JSON (panics if it is not).
+pub async fn get_json(url: impl reqwest::IntoUrl) -> serde_json::Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// GETs a manifest through regcache with every modern `Accept`.
 pub async fn get_manifest(base: &str, repo: &str, reference: &str) -> reqwest::Response {
     get_manifest_as(base, repo, reference, None).await
