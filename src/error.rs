@@ -76,6 +76,10 @@ pub enum Error {
         upstream: String,
         status: StatusCode,
     },
+    /// Upstream answered 200 with a body that is not what the endpoint gives (an HTML page
+    /// from a captive portal, a truncated document).
+    #[error("upstream {upstream} sent {what}")]
+    UpstreamInvalid { upstream: String, what: String },
     #[error("upstream {upstream}: {source}")]
     Upstream {
         upstream: String,
@@ -141,7 +145,7 @@ impl Error {
             }
             Denied { .. } | UpstreamDenied { .. } => ("DENIED", StatusCode::FORBIDDEN),
             UpstreamRateLimited { .. } => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
-            UpstreamStatus { .. } | DigestMismatch { .. } => {
+            UpstreamStatus { .. } | UpstreamInvalid { .. } | DigestMismatch { .. } => {
                 ("UNAVAILABLE", StatusCode::BAD_GATEWAY)
             }
             Upstream { source, .. } if source.retry_in().is_some() => {
@@ -172,6 +176,7 @@ impl Error {
             UpstreamDenied { .. }
             | UpstreamRateLimited { .. }
             | UpstreamStatus { .. }
+            | UpstreamInvalid { .. }
             | Upstream { .. }
             | DigestMismatch { .. } => Origin::Upstream,
             Storage(_) | Index(_) => Origin::Storage,

@@ -17,7 +17,7 @@ use crate::oci::image_ref::Name;
 use crate::oci::route::{self, Route};
 use crate::oci::{API_VERSION_HEADER, DIGEST_HEADER, range};
 
-use crate::proxy::{BlobBody, CacheResult, ClientInfo, Proxy};
+use crate::proxy::{BlobBody, CacheResult, ClientInfo, Listed, Proxy};
 use crate::sendfile::Loans;
 
 /// What a request turned out to be, for metrics.
@@ -282,6 +282,7 @@ async fn dispatch<B>(
         Route::Manifest { .. } => "manifest",
         Route::Blob { .. } => "blob",
         Route::TagsList { .. } => "tags",
+        Route::Referrers { .. } => "referrers",
         _ => "other",
     };
     let method = req.method();
@@ -323,7 +324,7 @@ async fn dispatch<B>(
             access.check_base(&who)?;
             Ok(json_response(StatusCode::OK, "{}", head))
         }
-        Route::Catalog | Route::Referrers { .. } => Err(Error::NotFound),
+        Route::Catalog => Err(Error::NotFound),
         Route::Upload { .. } => Err(Error::Unsupported("pushing".into())),
         Route::Manifest { name, reference } => {
             let t = target(&to, &name, &reference.to_string(), served)?;
@@ -423,41 +424,59 @@ async fn dispatch<B>(
                 .body(body)
                 .map_err(|e| Error::Internal(e.to_string()))
         }
-        Route::TagsList { name } => {
-            let t = target(&to, &name, "tags/list", served)?;
-            let (list, cache) = proxy
-                .tags_list(&t, req.uri().query().map(strip_ns).as_deref(), &client)
-                .await?;
-            span.record("cache", cache.as_str());
-            served.cache = Some(cache);
-            let mut resp = Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_LENGTH, list.body.len())
-                .header("cache-status", cache.cache_status());
-            if let Some(ct) = &list.content_type {
-                resp = resp.header(header::CONTENT_TYPE, ct);
-            }
-            if let Some(link) = list.link.as_ref().and_then(|l| {
-                // The base URLs the upstream was built from (checked when the config loaded).
-                let upstream = proxy.config().upstreams.get(&t.upstream.name);
-                let urls: Vec<url::Url> = upstream
-                    .into_iter()
-                    .flat_map(|u| &u.urls)
-                    .filter_map(|u| u.parse().ok())
-                    .collect();
-                let ns = parsed.ns.as_deref();
-                rewrite_link(l, &urls, t.repo.as_str(), name.as_str(), ns)
-            }) {
-                resp = resp.header(header::LINK, link);
-            }
-            let body = if head {
-                Body::empty()
-            } else {
-                Body::full(list.body.clone())
-            };
-            resp.body(body).map_err(|e| Error::Internal(e.to_string()))
+        Route::TagsList { name } => listing(&to, req, &name, Listed::Tags, &client, served).await,
+        Route::Referrers { name, digest } => {
+            let listed = Listed::Referrers(digest);
+            listing(&to, req, &name, listed, &client, served).await
         }
     }
+}
+
+/// A `tags/list` or referrers answer, with its pagination links pointing back at us.
+async fn listing<B>(
+    to: &Reaching<'_>,
+    req: &Request<B>,
+    name: &Name,
+    listed: Listed,
+    client: &ClientInfo,
+    served: &mut Served,
+) -> Result<Response<Body>> {
+    let endpoint = listed.endpoint();
+    let t = target(to, name, &endpoint, served)?;
+    let query = req.uri().query().map(strip_ns);
+    let (list, cache) = to
+        .proxy
+        .listing(&t, &listed, query.as_deref(), client)
+        .await?;
+    to.span.record("cache", cache.as_str());
+    served.cache = Some(cache);
+    let mut resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_LENGTH, list.body.len())
+        .header("cache-status", cache.cache_status());
+    if let Some(ct) = &list.content_type {
+        resp = resp.header(header::CONTENT_TYPE, ct);
+    }
+    if let Some(f) = &list.filters_applied {
+        resp = resp.header("oci-filters-applied", f);
+    }
+    if let Some(link) = list.link.as_ref().and_then(|l| {
+        // The base URLs the upstream was built from (checked when the config loaded).
+        let upstream = to.proxy.config().upstreams.get(&t.upstream.name);
+        let urls: Vec<url::Url> = upstream
+            .into_iter()
+            .flat_map(|u| &u.urls)
+            .filter_map(|u| u.parse().ok())
+            .collect();
+        rewrite_link(l, &urls, t.repo.as_str(), name.as_str(), &endpoint, to.ns)
+    }) {
+        resp = resp.header(header::LINK, link);
+    }
+    let body = match req.method() == Method::HEAD {
+        true => Body::empty(),
+        false => Body::full(list.body.clone()),
+    };
+    resp.body(body).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// What every route that reaches an upstream needs to find its target.
@@ -528,9 +547,9 @@ fn strip_ns(query: &str) -> String {
 ///
 /// Every `<URI-Reference>` in the `Link` value (RFC 8288) is resolved as a client would resolve
 /// it, against the request regcache made to one of `upstream`'s base URLs. One that names the
-/// repository's `tags/list` there (below the base URL's path, or at the origin's root, as
-/// registries behind a path prefix also answer) becomes our own
-/// `/v2/<client_repo>/tags/list?<its query>`, plus `ns` when the client routed by it. The
+/// repository's `endpoint` (`tags/list`, `referrers/<digest>`) there (below the base URL's
+/// path, or at the origin's root, as registries behind a path prefix also answer) becomes our
+/// own `/v2/<client_repo>/<endpoint>?<its query>`, plus `ns` when the client routed by it. The
 /// origin is not checked: an absolute link to the same list anywhere would send the client
 /// around us. Other links, and the parameters of every link, pass through as they are.
 fn rewrite_link(
@@ -538,6 +557,7 @@ fn rewrite_link(
     upstream: &[url::Url],
     upstream_repo: &str,
     client_repo: &str,
+    endpoint: &str,
     ns: Option<&str>,
 ) -> Option<HeaderValue> {
     let s = link.to_str().ok()?;
@@ -554,7 +574,9 @@ fn rewrite_link(
                     break;
                 };
                 let uri = &s[i + 1..i + 1 + len];
-                if let Some(ours) = link_target(uri, upstream, upstream_repo, client_repo, ns) {
+                if let Some(ours) =
+                    link_target(uri, upstream, upstream_repo, client_repo, endpoint, ns)
+                {
                     out.push_str(&s[copied..=i]);
                     out.push_str(&ours);
                     copied = i + 1 + len;
@@ -569,15 +591,16 @@ fn rewrite_link(
     HeaderValue::from_str(&out).ok()
 }
 
-/// Our path for one link's URI, when it names the repository's tags list upstream.
+/// Our path for one link's URI, when it names the repository's `endpoint` upstream.
 fn link_target(
     uri: &str,
     upstream: &[url::Url],
     upstream_repo: &str,
     client_repo: &str,
+    endpoint: &str,
     ns: Option<&str>,
 ) -> Option<String> {
-    let list = format!("/v2/{upstream_repo}/tags/list");
+    let list = format!("/v2/{upstream_repo}/{endpoint}");
     let resolved = upstream.iter().find_map(|base| {
         let base_path = base.path().trim_end_matches('/');
         let mut request = base.clone();
@@ -589,7 +612,7 @@ fn link_target(
         let names_list = path == list || path.strip_prefix(base_path) == Some(list.as_str());
         (matches!(to.scheme(), "http" | "https") && names_list).then_some(to)
     })?;
-    let mut ours = format!("/v2/{client_repo}/tags/list");
+    let mut ours = format!("/v2/{client_repo}/{endpoint}");
     let query = resolved.query().filter(|q| !q.is_empty());
     if let Some(q) = query {
         ours.push('?');
@@ -616,7 +639,7 @@ mod tests {
         let hub = urls(&["https://registry-1.docker.io"]);
         let l = HeaderValue::from_static("</v2/library/alpine/tags/list?n=2&last=b>; rel=\"next\"");
         assert_eq!(
-            rewrite_link(&l, &hub, "library/alpine", "alpine", None).unwrap(),
+            rewrite_link(&l, &hub, "library/alpine", "alpine", "tags/list", None).unwrap(),
             "</v2/alpine/tags/list?n=2&last=b>; rel=\"next\""
         );
         assert_eq!(
@@ -625,6 +648,7 @@ mod tests {
                 &hub,
                 "library/alpine",
                 "library/alpine",
+                "tags/list",
                 Some("docker.io")
             )
             .unwrap(),
@@ -634,7 +658,7 @@ mod tests {
             "<https://registry-1.docker.io/v2/library/alpine/tags/list?last=b>; rel=\"next\"",
         );
         assert_eq!(
-            rewrite_link(&abs, &hub, "library/alpine", "alpine", None).unwrap(),
+            rewrite_link(&abs, &hub, "library/alpine", "alpine", "tags/list", None).unwrap(),
             "</v2/alpine/tags/list?last=b>; rel=\"next\""
         );
     }
@@ -659,7 +683,7 @@ mod tests {
         ] {
             let l = HeaderValue::from_str(link).unwrap();
             assert_eq!(
-                rewrite_link(&l, &art, "team/app", "art/team/app", None).unwrap(),
+                rewrite_link(&l, &art, "team/app", "art/team/app", "tags/list", None).unwrap(),
                 want,
                 "{link}"
             );
@@ -668,7 +692,15 @@ mod tests {
             "</artifactory/api/docker/remote/v2/team/app/tags/list>; rel=\"next\"",
         );
         assert_eq!(
-            rewrite_link(&l, &art, "team/app", "team/app", Some("art.example")).unwrap(),
+            rewrite_link(
+                &l,
+                &art,
+                "team/app",
+                "team/app",
+                "tags/list",
+                Some("art.example")
+            )
+            .unwrap(),
             "</v2/team/app/tags/list?ns=art.example>; rel=\"next\""
         );
         // Another repository's list, another path on the upstream, another scheme: untouched.
@@ -680,7 +712,7 @@ mod tests {
         ] {
             let l = HeaderValue::from_str(link).unwrap();
             assert_eq!(
-                rewrite_link(&l, &art, "team/app", "art/team/app", None).unwrap(),
+                rewrite_link(&l, &art, "team/app", "art/team/app", "tags/list", None).unwrap(),
                 link
             );
         }
@@ -696,7 +728,15 @@ mod tests {
              </v2/team/app/tags/list?n=1&last=b>; rel=\"next\"",
         );
         assert_eq!(
-            rewrite_link(&l, &ghcr, "team/app", "ghcr.io/team/app", Some("ghcr.io")).unwrap(),
+            rewrite_link(
+                &l,
+                &ghcr,
+                "team/app",
+                "ghcr.io/team/app",
+                "tags/list",
+                Some("ghcr.io")
+            )
+            .unwrap(),
             "<https://docs.example/tags>; rel=\"help\"; title=\"a <b>, c\", \
              </v2/ghcr.io/team/app/tags/list?n=1&ns=ghcr.io>; rel=\"first\", \
              </v2/ghcr.io/team/app/tags/list?n=1&last=b&ns=ghcr.io>; rel=\"next\""
@@ -706,8 +746,39 @@ mod tests {
             "</v2/team/app/tags/list?n=1>; title=\"\\\" <x>\", </v2/team/app/tags/list?n=2",
         );
         assert_eq!(
-            rewrite_link(&l, &ghcr, "team/app", "app", None).unwrap(),
+            rewrite_link(&l, &ghcr, "team/app", "app", "tags/list", None).unwrap(),
             "</v2/app/tags/list?n=1>; title=\"\\\" <x>\", </v2/team/app/tags/list?n=2"
+        );
+    }
+
+    /// A referrers answer's pages (OCI distribution spec 1.1) come back to us the same way.
+    #[test]
+    fn link_rewriting_of_referrers_pages() {
+        let hub = urls(&["https://registry-1.docker.io"]);
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let endpoint = format!("referrers/{d}");
+        let l = HeaderValue::from_str(&format!(
+            "</v2/library/alpine/referrers/{d}?artifactType=x&next=2>; rel=\"next\""
+        ))
+        .unwrap();
+        assert_eq!(
+            rewrite_link(
+                &l,
+                &hub,
+                "library/alpine",
+                "alpine",
+                &endpoint,
+                Some("docker.io")
+            )
+            .unwrap(),
+            format!("</v2/alpine/referrers/{d}?artifactType=x&next=2&ns=docker.io>; rel=\"next\"")
+        );
+        // Another subject's answer is not this one's next page: untouched.
+        let other =
+            HeaderValue::from_static("</v2/library/alpine/referrers/sha256:00>; rel=\"next\"");
+        assert_eq!(
+            rewrite_link(&other, &hub, "library/alpine", "alpine", &endpoint, None).unwrap(),
+            other
         );
     }
 

@@ -111,7 +111,7 @@ impl Metrics {
         let m = Metrics {
             requests: counter(
                 "regcache_http_requests_total",
-                "Client requests by kind (manifest, blob, tags, other), method, status class and upstream.",
+                "Client requests by kind (manifest, blob, tags, referrers, other), method, status class and upstream.",
                 &["kind", "method", "status", "upstream"],
             ),
             request_duration: histogram(

@@ -760,3 +760,184 @@ async fn hot_blobs(mode: Sendfile) {
     );
     assert_eq!(s.meter.blob_gets(), 1, "one upstream GET in all");
 }
+
+/// The referrers API (OCI distribution spec 1.1), which signature checks at admission read
+/// (notation, cosign, Ratify): upstream's answer comes through as an image index with the
+/// filters it applied, concurrent misses share one upstream request, an answer is reused within
+/// `referrers_ttl`, and while upstream is down or sends garbage the last good answer is served
+/// stale. A fake upstream, as distribution 2.8 has no referrers API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_are_shared_reused_and_served_stale_while_upstream_is_down() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    const SIG: &str = "application/vnd.cncf.notary.signature";
+    let subject = image::sha256(b"the signed image's manifest");
+    let referrer = |n: u8, artifact: &str| {
+        serde_json::json!({
+            "mediaType": OCI_MANIFEST,
+            "digest": image::sha256(&[n]),
+            "size": 700 + u64::from(n),
+            "artifactType": artifact,
+        })
+    };
+    let all = vec![referrer(1, SIG), referrer(2, "application/spdx+json")];
+    // 0: answers; 1: 503; 2: a captive portal's 200 page; 3: no referrers API (404).
+    let mode = Arc::new(AtomicU8::new(0));
+    let up = {
+        let (mode, path) = (
+            Arc::clone(&mode),
+            format!("/v2/library/signed/referrers/{subject}"),
+        );
+        Fake::start(move |parts| {
+            let (mode, all, path) = (mode.load(Ordering::SeqCst), all.clone(), path.clone());
+            async move {
+                if parts.uri.path() == "/v2/" {
+                    return respond(200, &[], "{}");
+                }
+                match mode {
+                    1 => return respond(503, &[], ""),
+                    2 => return respond(200, &[("content-type", "text/html")], "<html>log in"),
+                    3 => {
+                        return respond(
+                            404,
+                            &[("content-type", "text/plain")],
+                            "404 page not found",
+                        );
+                    }
+                    _ if parts.uri.path() != path => return respond(404, &[], ""),
+                    _ => {}
+                }
+                // Slow enough that concurrent clients overlap.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let wanted =
+                    url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                        .find(|(k, _)| k == "artifactType")
+                        .map(|(_, v)| v.into_owned());
+                let manifests: Vec<_> = all
+                    .iter()
+                    .filter(|d| {
+                        wanted
+                            .as_ref()
+                            .is_none_or(|w| d["artifactType"] == w.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                let body = serde_json::json!({
+                    "schemaVersion": 2,
+                    "mediaType": OCI_INDEX,
+                    "manifests": manifests,
+                })
+                .to_string();
+                let mut headers = vec![("content-type", OCI_INDEX)];
+                if wanted.is_some() {
+                    headers.push(("oci-filters-applied", "artifactType"));
+                }
+                respond(200, &headers, body)
+            }
+        })
+        .await
+    };
+    let referrers = format!("/v2/signed/referrers/{subject}");
+    let listed = |resp: reqwest::Response| async move {
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], OCI_INDEX);
+        let filters = resp.headers().get("oci-filters-applied").cloned();
+        let status = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+        let v: serde_json::Value = resp.json().await.unwrap();
+        let types: Vec<String> = v["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["artifactType"].as_str().unwrap().to_owned())
+            .collect();
+        (types, filters, status)
+    };
+
+    // Default TTL: 8 clients at once cost one upstream request, and the next is a hit.
+    let cache = Regcache::start(&up.url(), |_| {}).await;
+    let asks = (0..8).map(|_| cache.get(&referrers));
+    for resp in futures_util::future::join_all(asks).await {
+        let (types, filters, _) = listed(resp).await;
+        assert_eq!(types, [SIG, "application/spdx+json"]);
+        assert!(filters.is_none(), "upstream applied no filter");
+    }
+    assert_eq!(up.count("GET", "/referrers/"), 1, "{:?}", up.requests());
+    let (_, _, status) = listed(cache.get(&referrers).await).await;
+    assert_eq!(status, "regcache; hit");
+    // A filter is upstream's to apply, and the header saying it did comes through.
+    let filtered = format!("{referrers}?artifactType={}", SIG.replace('/', "%2F"));
+    let (types, filters, _) = listed(cache.get(&filtered).await).await;
+    assert_eq!(types, [SIG]);
+    assert_eq!(filters.unwrap(), "artifactType");
+    assert_eq!(up.count("GET", "/referrers/"), 2);
+    let metrics = Scrape::of(&cache.url()).await;
+    assert_eq!(
+        metrics.get(
+            "regcache_cache_lookups_total",
+            &[("kind", "referrers"), ("result", "coalesced")]
+        ),
+        7.0
+    );
+
+    // No TTL: every request asks upstream, and the kept answer covers its failures.
+    let fresh = Regcache::start(&up.url(), |c| c.cache.referrers_ttl = Duration::ZERO).await;
+    let (_, _, status) = listed(fresh.get(&referrers).await).await;
+    assert_eq!(status, "regcache; fwd=uri-miss; stored");
+    for (m, why) in [(1, "503"), (2, "an HTML page")] {
+        mode.store(m, Ordering::SeqCst);
+        let before = up.count("GET", "/referrers/");
+        let (types, _, status) = listed(fresh.get(&referrers).await).await;
+        assert_eq!(types, [SIG, "application/spdx+json"], "{why}");
+        assert_eq!(
+            status, "regcache; hit; detail=stale-upstream-unavailable",
+            "{why}"
+        );
+        assert_eq!(
+            up.count("GET", "/referrers/"),
+            before + 1,
+            "upstream was asked"
+        );
+    }
+    // Garbage with nothing kept is upstream's failure: 502, not a 200 the client cannot parse.
+    let resp = fresh.get(&filtered).await;
+    assert_eq!(
+        common::error_code(resp).await,
+        (502, "UNAVAILABLE".to_owned())
+    );
+    // A registry without the referrers API answers 404; the client must hear "unsupported",
+    // not NAME_UNKNOWN, so that it falls back to the `sha256-<hex>` tag.
+    mode.store(3, Ordering::SeqCst);
+    let other = format!("/v2/signed/referrers/{}", image::sha256(b"unsigned"));
+    let resp = fresh.get(&other).await;
+    assert_eq!(
+        common::error_code(resp).await,
+        (404, "UNSUPPORTED".to_owned())
+    );
+}
+
+/// Against a real registry without the referrers API (distribution 2.8), a client's referrers
+/// request gets a 404 that is not NAME_UNKNOWN, and the fallback tag schema (an index tagged
+/// `sha256-<hex of the subject>`) comes through regcache like any tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_upstream_referrers_api_clients_fall_back_to_the_tag_schema() {
+    let s = setup(|_| {}).await;
+    let signed = Image::simple(71, 1);
+    s.registry.push("library/signed", "1", &signed).await;
+    let signature = Image::new(OCI_MANIFEST, "signature", vec![Layer::new(72, 512)]);
+    let fallback = Image::index(OCI_INDEX, vec![signature]);
+    let tag = signed.digest().replace(':', "-");
+    s.registry.push("library/signed", &tag, &fallback).await;
+
+    let resp = s
+        .cache
+        .get(&format!("/v2/signed/referrers/{}", signed.digest()))
+        .await;
+    assert_eq!(
+        common::error_code(resp).await,
+        (404, "UNSUPPORTED".to_owned())
+    );
+    assert_eq!(s.meter.count("GET", "/referrers/"), 1, "upstream was asked");
+    assert_eq!(
+        pull(&s.cache.url(), "signed", &tag).await,
+        fallback.digest()
+    );
+}

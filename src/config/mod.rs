@@ -26,6 +26,7 @@ pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_REVALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_TAGS_LIST_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_REFERRERS_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
@@ -495,6 +496,10 @@ pub struct CacheConfig {
     /// How long a `tags/list` answer is reused.
     #[serde(default = "d_tags_list_ttl", with = "humantime_serde")]
     pub tags_list_ttl: Duration,
+    /// How long a `referrers` answer (the signatures, SBOMs and attestations of a manifest) is
+    /// reused.
+    #[serde(default = "d_referrers_ttl", with = "humantime_serde")]
+    pub referrers_ttl: Duration,
     /// How long an upstream's "no such tag" (404) is remembered; "0s" turns it off.
     #[serde(default = "d_negative_ttl", with = "humantime_serde")]
     pub negative_ttl: Duration,
@@ -668,6 +673,9 @@ fn d_negative_ttl() -> Duration {
 fn d_tags_list_ttl() -> Duration {
     DEFAULT_TAGS_LIST_TTL
 }
+fn d_referrers_ttl() -> Duration {
+    DEFAULT_REFERRERS_TTL
+}
 fn d_manifest_memory() -> u64 {
     DEFAULT_MANIFEST_MEMORY
 }
@@ -709,6 +717,7 @@ impl Default for CacheConfig {
             max_stale: DEFAULT_MAX_STALE,
             revalidate_timeout: DEFAULT_REVALIDATE_TIMEOUT,
             tags_list_ttl: DEFAULT_TAGS_LIST_TTL,
+            referrers_ttl: DEFAULT_REFERRERS_TTL,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             offline: false,
             max_size: 0,
@@ -967,6 +976,7 @@ impl Config {
             ("cache.max_stale", c.max_stale, Span::TtlOrZero),
             ("cache.revalidate_timeout", c.revalidate_timeout, Span::Wait),
             ("cache.tags_list_ttl", c.tags_list_ttl, Span::TtlOrZero),
+            ("cache.referrers_ttl", c.referrers_ttl, Span::TtlOrZero),
             ("cache.negative_ttl", c.negative_ttl, Span::TtlOrZero),
             // Zero would spin the lifecycle loop.
             ("cache.gc_interval", c.gc_interval, Span::Wait),
@@ -1369,6 +1379,7 @@ mod tests {
             max_stale = "{ttl}"
             revalidate_timeout = "{wait}"
             tags_list_ttl = "{ttl}"
+            referrers_ttl = "{ttl}"
             negative_ttl = "{ttl}"
             max_age = "{ttl}"
             gc_interval = "{wait}"
@@ -1408,6 +1419,7 @@ mod tests {
             ("cache.max_stale", ttl),
             ("cache.revalidate_timeout", wait),
             ("cache.tags_list_ttl", ttl),
+            ("cache.referrers_ttl", ttl),
             ("cache.negative_ttl", ttl),
             ("cache.max_age", ttl),
             ("cache.gc_interval", wait),
@@ -1508,6 +1520,7 @@ mod tests {
             [cache]
             max_stale = "0s"
             tags_list_ttl = "0s"
+            referrers_ttl = "0s"
             negative_ttl = "0s"
             manifest_memory = 0
             max_size = 0

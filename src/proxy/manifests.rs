@@ -10,7 +10,8 @@ use http::{Method, StatusCode, header};
 
 use super::isolation::Kind;
 use super::{
-    CacheResult, ClientInfo, Proxy, Target, expect_ok, head, read_document, send, status_error,
+    CacheResult, ClientInfo, Proxy, Target, expect_ok, head, read_document, send, serves_stale,
+    status_error,
 };
 use crate::cache::index::{ManifestEntry, TagEntry, millis};
 use crate::error::{Error, Result};
@@ -408,17 +409,6 @@ impl Proxy {
         });
         self.hot_manifests.insert(actual, Arc::clone(&m));
         Ok(m)
-    }
-}
-
-/// Failures that mean "upstream is unwell", where a cached answer beats an error.
-fn serves_stale(e: &Error) -> bool {
-    match e.root() {
-        Error::Upstream { .. }
-        | Error::UpstreamRateLimited { .. }
-        | Error::DigestMismatch { .. } => true,
-        Error::UpstreamStatus { status, .. } => status.is_server_error(),
-        _ => false,
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod admin;
 mod blobs;
 mod isolation;
+mod listings;
 mod manifests;
 pub mod router;
 
@@ -22,6 +23,7 @@ use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 
 pub use blobs::{BlobAnswer, BlobBody};
+pub use listings::{Listed, Listing};
 pub use manifests::Manifest;
 pub use router::{Route, Router};
 
@@ -99,20 +101,8 @@ pub struct ClientInfo {
     pub authorization: Option<HeaderValue>,
 }
 
-/// A `tags/list` answer.
-pub struct TagsList {
-    pub body: Bytes,
-    pub content_type: Option<HeaderValue>,
-    pub link: Option<HeaderValue>,
-}
-
 /// Largest manifest regcache accepts from upstream (the OCI spec's 4 MiB).
 pub const MAX_DOCUMENT: usize = 4 << 20;
-/// Largest tag list regcache accepts from upstream: the spec sets no limit, and a repository
-/// with years of nightly tags (with gcr.io's per-digest `manifest` map) passes 4 MiB.
-const MAX_TAGS_LIST: usize = 32 << 20;
-/// Bytes of tag lists kept for `tags_list_ttl`.
-const TAGS_LISTS_MEMORY: u64 = 64 << 20;
 
 type ManifestKey = (String, RepoName, String, String);
 type TagsKey = (String, RepoName, String);
@@ -130,7 +120,8 @@ pub struct Proxy {
     store: Store,
     index: Index,
     hot_manifests: moka::sync::Cache<crate::oci::digest::Digest, Arc<Manifest>>,
-    tags_lists: moka::future::Cache<TagsKey, Arc<TagsList>>,
+    /// `tags/list` and referrers answers.
+    listings: listings::Listings,
     /// Tags upstream recently said it does not have.
     missing_tags: moka::sync::Cache<TagsKey, ()>,
     /// (upstream, repo, digest) an upstream `HEAD` confirmed within `tag_ttl`
@@ -227,11 +218,7 @@ impl Proxy {
             .max_capacity(config.cache.manifest_memory)
             .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
             .build();
-        let tags_lists = moka::future::Cache::builder()
-            .max_capacity(TAGS_LISTS_MEMORY)
-            .weigher(|_, l: &Arc<TagsList>| l.body.len().try_into().unwrap_or(u32::MAX).max(1))
-            .time_to_live(config.cache.tags_list_ttl)
-            .build();
+        let listings = listings::Listings::new(&config.cache);
         let missing_tags = moka::sync::Cache::builder()
             .max_capacity(if config.cache.negative_ttl.is_zero() {
                 0
@@ -265,7 +252,7 @@ impl Proxy {
             store,
             index,
             hot_manifests,
-            tags_lists,
+            listings,
             missing_tags,
             manifest_flights: Arc::default(),
             revalidations: Arc::default(),
@@ -430,60 +417,8 @@ impl Proxy {
             repo: route.repo,
         })
     }
-
-    /// `GET tags/list`, reused for `tags_list_ttl`.
-    pub async fn tags_list(
-        &self,
-        t: &Target,
-        query: Option<&str>,
-        client: &ClientInfo,
-    ) -> Result<(Arc<TagsList>, CacheResult)> {
-        let key = (
-            t.upstream.name.clone(),
-            t.repo.clone(),
-            query.unwrap_or("").to_owned(),
-        );
-        // What a pass_client_auth client may list is upstream's to say, every time.
-        let shared = !t.upstream.passes_client_auth();
-        if shared && let Some(hit) = self.tags_lists.get(&key).await {
-            return Ok((hit, CacheResult::Hit));
-        }
-        if self.config.cache.offline {
-            return Err(Error::NameUnknown(format!(
-                "tags of {} are not cached and regcache is offline",
-                t.repo
-            )));
-        }
-        let resp = send(
-            t,
-            UpstreamRequest {
-                method: http::Method::GET,
-                repo: &t.repo,
-                path: "tags/list",
-                query,
-                accept: Some("application/json"),
-                client_auth: client.authorization.as_ref(),
-            },
-        )
-        .await?;
-        let resp = expect_ok(t, resp, || {
-            Error::NameUnknown(format!("repository {} not known upstream", t.repo))
-        })?;
-        let (parts, body) = resp.into_parts();
-        let body = read_document(t, body, MAX_TAGS_LIST).await?;
-        let list = Arc::new(TagsList {
-            body,
-            content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
-            link: parts.headers.get(header::LINK).cloned(),
-        });
-        if shared {
-            self.tags_lists.insert(key, Arc::clone(&list)).await;
-        }
-        Ok((list, CacheResult::Miss))
-    }
 }
 
-/// Sends a request to a target's upstream, mapping transport failures.
 /// A `HEAD` of `path` (e.g. `blobs/<digest>`) in the target's repository, with the client's
 /// credentials where the upstream passes them on.
 async fn head(
@@ -506,6 +441,7 @@ async fn head(
     .await
 }
 
+/// Sends a request to a target's upstream, mapping transport failures.
 async fn send(t: &Target, req: UpstreamRequest<'_>) -> Result<Response<Incoming>> {
     t.upstream.send(req).await.map_err(|source| match source {
         UpstreamError::RateLimited(d) => Error::UpstreamRateLimited {
@@ -517,6 +453,18 @@ async fn send(t: &Target, req: UpstreamRequest<'_>) -> Result<Response<Incoming>
             source,
         },
     })
+}
+
+/// Failures that mean "upstream is unwell", where a cached answer beats an error.
+fn serves_stale(e: &Error) -> bool {
+    match e.root() {
+        Error::Upstream { .. }
+        | Error::UpstreamRateLimited { .. }
+        | Error::UpstreamInvalid { .. }
+        | Error::DigestMismatch { .. } => true,
+        Error::UpstreamStatus { status, .. } => status.is_server_error(),
+        _ => false,
+    }
 }
 
 /// Passes a 2xx answer on; turns every other status into the error a client should see.
