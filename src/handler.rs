@@ -322,6 +322,7 @@ async fn dispatch<B>(
     match parsed.route {
         Route::Base => {
             access.check_base(&who)?;
+            proxy.check_base(&client).await?;
             Ok(json_response(StatusCode::OK, "{}", head))
         }
         Route::Catalog => Err(Error::NotFound),

@@ -329,7 +329,7 @@ async fn a_token_is_fetched_again_shortly_before_it_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_checks_cached_content() {
-    let (tokens, registry) = token_registry().await;
+    let (tokens, mut registry) = token_registry().await;
     let (a1, a2) = (Image::simple(12, 2), Image::simple(13, 2));
     tokens.push(&registry, "private/app", "1", &a1).await;
     tokens.push(&registry, "private/app", "2", &a2).await;
@@ -426,6 +426,34 @@ async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_check
             .all(|s| s.authorization.as_deref() != Some(basic(ADMIN.0, ADMIN.1).as_str())),
         "regcache's own account never went upstream"
     );
+
+    // `/v2/` is upstream's to answer: dockerd and podman ping it first and send credentials
+    // only where it challenged them (tests/docker.rs and tests/podman.rs pull this way).
+    meter.reset();
+    let ping = |auth: Option<String>| {
+        let mut req = common::http().get(format!("{}/v2/", cache.url()));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        req.send()
+    };
+    let resp = ping(None).await.unwrap();
+    let challenge = resp.headers().get("www-authenticate").cloned();
+    assert_eq!(resp.status(), 401);
+    assert!(
+        challenge.is_some_and(|c| c.to_str().unwrap().contains(&tokens.realm())),
+        "upstream's challenge, relayed"
+    );
+    let resp = ping(Some(client_token.clone())).await.unwrap();
+    assert_eq!(resp.status(), 200, "alice's token is good upstream");
+    assert_eq!(meter.count("GET", "/v2/"), 2, "each ping asked upstream");
+    assert_eq!(
+        meter.requests()[1].authorization.as_deref(),
+        Some(client_token.as_str())
+    );
+    // An upstream that cannot answer does not fail the ping; the requests after it get errors.
+    registry.stop();
+    assert_eq!(ping(None).await.unwrap().status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

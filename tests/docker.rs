@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::clients::{Dockerd, RefusingProxy, asked, container_file, setup, try_run};
+use common::clients::{Dockerd, PrivateHub, RefusingProxy, asked, container_file, setup, try_run};
 use common::image::{self, DOCKER_LIST, DOCKER_V2, OCI_MANIFEST};
 use common::{Image, Layer};
 
@@ -377,4 +377,27 @@ async fn docker_falls_back_to_docker_hub_when_regcache_is_down() {
         0,
         "regcache is down: upstream sees nothing"
     );
+}
+
+/// A `pass_client_auth` Docker Hub upstream: dockerd asks `/v2/` for a challenge before it
+/// sends any credentials, so regcache's `/v2/` relays upstream's. Then the daemon gets a token
+/// with its own Docker Hub login, regcache forwards it, and the private image comes through
+/// the mirror, never by the fallback to Docker Hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_pulls_with_its_own_login_through_a_pass_client_auth_upstream() {
+    let hub = PrivateHub::start().await;
+    let img = Image::simple(450, 2);
+    hub.tokens
+        .push(&hub.registry, "private/rcown", "1", &img)
+        .await;
+    hub.meter.reset();
+    let proxy = RefusingProxy::start(|| 0).await;
+    let env = proxy_env(&proxy);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let docker = Dockerd::start_with(&hub.cache.addr.to_string(), &env).await;
+    docker.set_credentials("https://index.docker.io/v1/", PrivateHub::ALICE);
+
+    docker.run(&["pull", "private/rcown:1"]).await;
+    check_pulled(&docker, "private/rcown:1", &img).await;
+    hub.check_pulled_with_alices_login("private/rcown", &proxy);
 }

@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::clients::{Podman, TwoUpstreams, asked, setup, two_upstreams};
+use common::clients::{
+    Podman, PrivateHub, RefusingProxy, TwoUpstreams, asked, setup, two_upstreams,
+};
 use common::image::{self, DOCKER_LIST, DOCKER_V2};
 use common::{Image, Layer};
 
@@ -139,4 +141,26 @@ async fn podman_pulls_one_platform_of_a_ghcr_io_image_through_the_path_prefix_mi
         0,
         "fresh podman: nothing upstream at all"
     );
+}
+
+/// A `pass_client_auth` Docker Hub upstream: podman (containers/image) sends credentials only
+/// where its `/v2/` ping found a challenge, so regcache's `/v2/` relays upstream's. podman
+/// then gets a token with its login for the mirror's host, and the private image comes
+/// through regcache with that token on every upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_with_its_own_login_through_a_pass_client_auth_upstream() {
+    let hub = PrivateHub::start().await;
+    let img = Image::simple(620, 2);
+    hub.tokens
+        .push(&hub.registry, "private/rcown", "1", &img)
+        .await;
+    hub.meter.reset();
+    let addr = hub.cache.addr.to_string();
+    let proxy = RefusingProxy::start(|| 0).await;
+    let podman = Podman::new(&addr).through(&proxy);
+    podman.set_credentials(&addr, PrivateHub::ALICE);
+
+    podman.pull("docker.io/private/rcown:1", &[]).await;
+    check_pulled(&podman, "docker.io/private/rcown:1", &img, &img.digest()).await;
+    hub.check_pulled_with_alices_login("private/rcown", &proxy);
 }

@@ -407,6 +407,30 @@ impl Proxy {
         Ok(self.index.flush()?)
     }
 
+    /// `/v2/`, when the default upstream passes the client's credentials on: upstream's word
+    /// on them. dockerd and containers/image (podman, CRI-O, skopeo) ping `/v2/` first and send
+    /// credentials only where it challenged them, so the challenge must be upstream's. While
+    /// upstream cannot answer, the ping succeeds: the requests after it get the errors.
+    pub async fn check_base(&self, client: &ClientInfo) -> Result<()> {
+        let Some(up) = self
+            .upstreams
+            .get(&self.config.default_upstream)
+            .filter(|u| u.passes_client_auth())
+        else {
+            return Ok(());
+        };
+        match up.ping(client.authorization.as_ref()).await {
+            Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
+                Err(Error::UpstreamChallenge {
+                    upstream: up.name.clone(),
+                    repo: "/v2/".to_owned(),
+                    challenge: resp.headers().get(header::WWW_AUTHENTICATE).cloned(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Maps a client's repository name (and containerd's `ns`) to an upstream repository:
     /// `ns` first, then aliases, then a path prefix naming an upstream, else the default
     /// upstream. Docker Hub's one-component names get `library/`.

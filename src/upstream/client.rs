@@ -254,11 +254,32 @@ impl Upstream {
         &self,
         req: UpstreamRequest<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.guarded(self.send_admitted(req)).await
+    }
+
+    /// `GET /v2/` with the client's `Authorization` (on a `pass_client_auth` upstream): a 401
+    /// carries the challenge a client must answer, admitted and counted as [`send`] is.
+    ///
+    /// [`send`]: Upstream::send
+    pub async fn ping(
+        &self,
+        client_auth: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.guarded(self.send_failover(&Method::GET, "v2/", None, client_auth))
+            .await
+    }
+
+    /// Runs one exchange in an upstream slot, refused while rate limited or the breaker is
+    /// open, and records how it went.
+    async fn guarded(
+        &self,
+        exchange: impl Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let admission = self.guard.admit().await.map_err(|r| match r {
             Refusal::RateLimited(d) => UpstreamError::RateLimited(d),
             Refusal::CircuitOpen(d) => UpstreamError::CircuitOpen(d),
         })?;
-        let result = self.send_admitted(req).await;
+        let result = exchange.await;
         let outcome = match &result {
             Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
                 Outcome::RateLimited(super::guard::retry_after(resp.headers()))

@@ -75,6 +75,70 @@ pub async fn two_upstreams() -> TwoUpstreams {
     }
 }
 
+/// A private Docker Hub: a real registry that trusts a token server, behind a meter, and
+/// regcache in front of it as the `docker.io` upstream with `pass_client_auth`, so each
+/// client pulls with its own Docker Hub login. Only [`PrivateHub::ALICE`] may pull
+/// `private/*`.
+pub struct PrivateHub {
+    pub tokens: super::token::TokenServer,
+    pub registry: Registry,
+    pub meter: Meter,
+    pub cache: Regcache,
+}
+
+impl PrivateHub {
+    pub const ALICE: (&str, &str) = ("alice", "alice-secret");
+
+    pub async fn start() -> PrivateHub {
+        let tokens = super::token::TokenServer::start().await;
+        tokens.user(Self::ALICE.0, Self::ALICE.1);
+        tokens.allow(Some(Self::ALICE.0), "private", &["pull"]);
+        let registry = Registry::start_with(&tokens.registry_yaml()).await;
+        let meter = Meter::start(registry.addr).await;
+        let cache = Regcache::start(&meter.url(), |c| {
+            let hub = c
+                .upstreams
+                .get_mut("docker.io")
+                .expect("docker.io upstream");
+            hub.pass_client_auth = true;
+        })
+        .await;
+        PrivateHub {
+            tokens,
+            registry,
+            meter,
+            cache,
+        }
+    }
+
+    /// Checks how a client with alice's login pulled `repo`: through the mirror (`proxy`, its
+    /// way past loopback, saw nothing), with a token it got with alice's login, and with a
+    /// Bearer token (the client's own: regcache has no credentials here) on every upstream
+    /// request for `repo`.
+    pub fn check_pulled_with_alices_login(&self, repo: &str, proxy: &RefusingProxy) {
+        assert_eq!(proxy.seen(), vec![], "pulled around the mirror");
+        assert!(
+            !self.tokens.requests_by(Some(Self::ALICE.0)).is_empty(),
+            "the client got no token with alice's login"
+        );
+        let seen = self.meter.requests();
+        let ours: Vec<_> = seen
+            .iter()
+            .filter(|s| s.path.starts_with(&format!("/v2/{repo}/")))
+            .collect();
+        assert!(!ours.is_empty(), "nothing of {repo} reached upstream");
+        for s in ours {
+            let a = s.authorization.as_deref().unwrap_or("");
+            assert!(
+                a.starts_with("Bearer "),
+                "{} {} went upstream with {a:?}",
+                s.method,
+                s.path
+            );
+        }
+    }
+}
+
 /// A temp dir with a short path: unix socket paths are limited to 108 bytes.
 pub fn short_tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -392,6 +456,24 @@ impl Dockerd {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v[0].clone()
     }
+
+    /// The CLI's stored login for `registry` (Docker Hub's key is
+    /// `https://index.docker.io/v1/`), as `docker login` leaves it; the CLI sends it to the
+    /// daemon with every pull of that registry's images.
+    pub fn set_credentials(&self, registry: &str, (user, password): (&str, &str)) {
+        std::fs::write(
+            self.dir.path().join("cli/config.json"),
+            auths(registry, user, password),
+        )
+        .unwrap();
+    }
+}
+
+/// A `config.json` / `auth.json` holding one login.
+fn auths(registry: &str, user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    serde_json::json!({ "auths": { registry: { "auth": auth } } }).to_string()
 }
 
 impl Drop for Dockerd {
@@ -751,6 +833,8 @@ impl Drop for RefusingProxy {
 pub struct Podman {
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// Where connections past loopback go (a [`RefusingProxy`]), if anywhere.
+    proxy: Option<String>,
 }
 
 impl Podman {
@@ -798,7 +882,18 @@ impl Podman {
             "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
         )
         .unwrap();
-        Podman { bin, dir }
+        Podman {
+            bin,
+            dir,
+            proxy: None,
+        }
+    }
+
+    /// Sends every connection but loopback's through `proxy`, so a fallback from the mirror to
+    /// Docker Hub is refused and recorded there rather than tried.
+    pub fn through(mut self, proxy: &RefusingProxy) -> Podman {
+        self.proxy = Some(proxy.url());
+        self
     }
 
     pub fn cmd(&self) -> Command {
@@ -815,6 +910,11 @@ impl Podman {
             .env("CONTAINERS_CONF", d.join("containers.conf"))
             .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
             .env("REGISTRY_AUTH_FILE", d.join("auth.json"))
+            .envs(self.proxy.iter().flat_map(|p| {
+                [("HTTPS_PROXY", p.as_str()), ("HTTP_PROXY", p.as_str())]
+                    .into_iter()
+                    .chain([("NO_PROXY", "127.0.0.1,localhost")])
+            }))
             .arg("--root")
             .arg(d.join("root"))
             .arg("--runroot")
@@ -855,6 +955,15 @@ impl Podman {
         let out = self.run(&["image", "inspect", image]).await;
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v[0].clone()
+    }
+
+    /// The stored login for `registry` (a host, as `podman login` keys it).
+    pub fn set_credentials(&self, registry: &str, (user, password): (&str, &str)) {
+        std::fs::write(
+            self.dir.path().join("auth.json"),
+            auths(registry, user, password),
+        )
+        .unwrap();
     }
 
     /// The manifest podman stored for an image (by image ID), found by its digest among the
