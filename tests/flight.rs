@@ -237,6 +237,12 @@ async fn a_blob_without_content_length_is_streamed_verified_and_kept() {
     };
     let (up, _, cache, layer, url) = cold_layer(faults, 7, 3 << 20).await;
 
+    // A HEAD says the blob is there, without a size it does not know (not a 404, nor 0).
+    let resp = http().head(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("content-length"), None);
+    assert_eq!(up.count("HEAD", &layer), 1);
+
     for r in get_concurrently(&url, 3).await {
         assert!(r.is_err(), "a corrupted body looked complete");
     }

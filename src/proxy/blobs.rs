@@ -118,10 +118,13 @@ impl Proxy {
         }
         if self.store.contains(digest).await {
             // Fetched through another upstream: serve it once this upstream confirms it has it.
-            if let Some(size) = self.upstream_head(t, digest, client).await?
+            // A copy has the size its digest names: upstream's (if it says one) can only
+            // confirm it.
+            if let Some(said) = self.upstream_head(t, digest, client).await?
                 && let Some(blob) = self.store.open_blob(digest).await?
-                && blob.size == size
+                && said.is_none_or(|size| blob.size == size)
             {
+                let size = blob.size;
                 self.index.put_blob(up, digest, size)?;
                 self.note_seen(up, digest, &t.repo)?;
                 return Ok(hit(blob));
@@ -145,7 +148,7 @@ impl Proxy {
                 .await?
                 .ok_or_else(|| Error::BlobUnknown(digest.to_string()))?;
             return Ok(BlobAnswer {
-                size: Some(size),
+                size,
                 body: BlobBody::None,
                 cache: CacheResult::Miss,
             });
@@ -266,24 +269,26 @@ impl Proxy {
         })
     }
 
-    /// The blob's size per an upstream HEAD; `None` when upstream does not have it.
+    /// Whether upstream has the blob (`None`: it does not), and its size if upstream's HEAD
+    /// says it (a registry should; one behind some gateways sends no `Content-Length`).
     async fn upstream_head(
         &self,
         t: &Target,
         digest: &Digest,
         client: &ClientInfo,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Option<u64>>> {
         let path = format!("blobs/{digest}");
         let resp = head(t, &path, None, client).await?;
         if resp.status() == http::StatusCode::NOT_FOUND {
             return Ok(None);
         }
         let resp = expect_ok(t, resp, || Error::BlobUnknown(digest.to_string()))?;
-        Ok(resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok()))
+        Ok(Some(
+            resp.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        ))
     }
 }
 

@@ -123,7 +123,7 @@ pub struct Faults {
     pub drip: Option<(usize, std::time::Duration)>,
     /// Send the first half of every blob body at once, then pause this long before the rest.
     pub stall_blobs: Option<std::time::Duration>,
-    /// Send blob bodies chunked, without a Content-Length.
+    /// Send blob bodies chunked, and answer blob HEADs, without a Content-Length.
     pub chunked: bool,
     /// Docker Hub's rate-limit headers on every answer: (limit, remaining).
     pub ratelimit: Option<(u32, u32)>,
@@ -392,6 +392,18 @@ async fn serve(
             } else {
                 bytes
             };
+            if head && faults.chunked {
+                // A stream of unknown length: no Content-Length in the head either.
+                let none = futures_util::stream::empty::<
+                    Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>,
+                >();
+                let mut r =
+                    http::Response::new(super::BoxBody::new(http_body_util::StreamBody::new(none)));
+                for (k, v) in headers {
+                    r.headers_mut().insert(k, v.parse().unwrap());
+                }
+                return r;
+            }
             if head {
                 return respond(200, &headers, bytes);
             }
