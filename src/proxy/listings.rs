@@ -158,17 +158,19 @@ impl Proxy {
             )));
         }
         let (fetched, joined) = if shared {
-            let (t, listed) = (t.clone(), listed.clone());
+            let (t, listed, kept) = (t.clone(), listed.clone(), self.listings.kept.clone());
             let query = query.map(str::to_owned);
             let (r, joined) = self
                 .listings
                 .flights
                 .run(key.clone(), move || async move {
                     // A shared upstream gets regcache's credentials, never a client's.
-                    fetch(&t, &listed, query.as_deref(), &ClientInfo::default())
-                        .await
-                        .map(Arc::new)
-                        .map_err(Arc::new)
+                    let anyone = ClientInfo::default();
+                    let got = fetch(&t, &listed, query.as_deref(), &anyone).await;
+                    let l = Arc::new(got.map_err(Arc::new)?);
+                    // Kept before the flight ends, so no request after it asks again.
+                    kept.insert(key, Arc::clone(&l)).await;
+                    Ok(l)
                 })
                 .await;
             (r.map_err(Error::Shared), joined)
@@ -177,9 +179,6 @@ impl Proxy {
         };
         match fetched {
             Ok(l) => {
-                if shared {
-                    self.listings.kept.insert(key, Arc::clone(&l)).await;
-                }
                 let how = match joined {
                     true => CacheResult::Coalesced,
                     false => CacheResult::Miss,
