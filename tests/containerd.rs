@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::clients::{Containerd, TwoUpstreams, asked, setup, two_upstreams};
+use common::clients::{
+    Containerd, PrivateHub, RefusingProxy, TwoUpstreams, asked, run, setup, two_upstreams,
+};
 use common::image::{self, DOCKER_LIST, DOCKER_V2, OCI_INDEX, OCI_MANIFEST};
 use common::{Image, Layer};
 
@@ -162,4 +164,32 @@ async fn containerd_pulls_only_the_platform_it_is_asked_for() {
     assert_eq!(fresh.content(&arm.digest()).await, arm.manifest);
     assert_eq!(s.meter.blob_gets(), 0, "second pull: no upstream blob GET");
     assert_eq!(s.meter.total(), 0, "second pull: nothing upstream at all");
+}
+
+/// A `pass_client_auth` Docker Hub upstream: `ctr --user` answers upstream's challenge, relayed
+/// by regcache on the manifest request (containerd pings nothing first), with a token it gets
+/// with its own login, and the private image comes through the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_with_its_own_login_through_a_pass_client_auth_upstream() {
+    let hub = PrivateHub::start().await;
+    let img = Image::simple(530, 2);
+    hub.push("private/rcown", "1", &img).await;
+    let containerd = Containerd::start().await;
+    let hosts = containerd.hosts(&hub.cache.addr.to_string());
+    let proxy = RefusingProxy::start(|| 0).await;
+    let reference = "docker.io/private/rcown:1";
+    let user = format!("{}:{}", PrivateHub::ALICE.0, PrivateHub::ALICE.1);
+    let mut pull = containerd.cmd();
+    pull.envs(proxy.env())
+        .args(["images", "pull", "--snapshotter", "native", "--hosts-dir"])
+        .arg(&hosts)
+        .args(["--user", &user, reference]);
+    run(&mut pull, "ctr images pull --user").await;
+
+    assert_eq!(containerd.image_digest(reference).await, img.digest());
+    for blob in img.blobs() {
+        let digest = image::sha256(&blob);
+        assert_eq!(containerd.content(&digest).await, blob, "{digest}");
+    }
+    hub.check_pulled_with_alices_login("private/rcown", &proxy);
 }

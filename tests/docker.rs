@@ -246,19 +246,6 @@ async fn docker_pulls_official_and_user_images_through_the_daemon_json_mirror() 
     assert_eq!(s.meter.total(), 0, "fresh daemon: nothing upstream at all");
 }
 
-/// Environment sending every connection but loopback through `proxy`.
-fn proxy_env(proxy: &RefusingProxy) -> Vec<(&'static str, String)> {
-    let url = proxy.url();
-    vec![
-        ("HTTPS_PROXY", url.clone()),
-        ("HTTP_PROXY", url.clone()),
-        ("https_proxy", url.clone()),
-        ("http_proxy", url),
-        ("NO_PROXY", "127.0.0.1,localhost".to_owned()),
-        ("no_proxy", "127.0.0.1,localhost".to_owned()),
-    ]
-}
-
 /// Checks that every connection the daemon tried past loopback was the fallback to Docker
 /// Hub (refused by the proxy), and that there was one.
 fn check_fell_back_to_docker_hub(proxy: &RefusingProxy) -> Vec<(String, usize)> {
@@ -290,7 +277,7 @@ async fn docker_falls_back_to_docker_hub_when_regcache_has_no_such_image() {
     s.registry.push("library/rcthere", "1", &img).await;
     let meter_seen = std::sync::Arc::clone(&s.meter.seen);
     let proxy = RefusingProxy::start(move || meter_seen.lock().unwrap().len()).await;
-    let env = proxy_env(&proxy);
+    let env = proxy.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let docker = Dockerd::start_with(&s.cache.addr.to_string(), &env).await;
 
@@ -347,7 +334,7 @@ async fn docker_falls_back_to_docker_hub_when_regcache_is_down() {
     let addr = s.cache.addr;
     s.cache.shutdown().await;
     let proxy = RefusingProxy::start(|| 0).await;
-    let env = proxy_env(&proxy);
+    let env = proxy.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let docker = Dockerd::start_with(&addr.to_string(), &env).await;
 
@@ -387,12 +374,9 @@ async fn docker_falls_back_to_docker_hub_when_regcache_is_down() {
 async fn docker_pulls_with_its_own_login_through_a_pass_client_auth_upstream() {
     let hub = PrivateHub::start().await;
     let img = Image::simple(450, 2);
-    hub.tokens
-        .push(&hub.registry, "private/rcown", "1", &img)
-        .await;
-    hub.meter.reset();
+    hub.push("private/rcown", "1", &img).await;
     let proxy = RefusingProxy::start(|| 0).await;
-    let env = proxy_env(&proxy);
+    let env = proxy.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let docker = Dockerd::start_with(&hub.cache.addr.to_string(), &env).await;
     docker.set_credentials("https://index.docker.io/v1/", PrivateHub::ALICE);

@@ -151,10 +151,7 @@ async fn podman_pulls_one_platform_of_a_ghcr_io_image_through_the_path_prefix_mi
 async fn podman_pulls_with_its_own_login_through_a_pass_client_auth_upstream() {
     let hub = PrivateHub::start().await;
     let img = Image::simple(620, 2);
-    hub.tokens
-        .push(&hub.registry, "private/rcown", "1", &img)
-        .await;
-    hub.meter.reset();
+    hub.push("private/rcown", "1", &img).await;
     let addr = hub.cache.addr.to_string();
     let proxy = RefusingProxy::start(|| 0).await;
     let podman = Podman::new(&addr).through(&proxy);
