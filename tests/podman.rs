@@ -10,7 +10,7 @@ mod common;
 use std::time::Instant;
 
 use common::clients::{
-    Podman, PrivateHub, RefusingProxy, TwoUpstreams, asked, setup, two_upstreams,
+    Podman, PrivateHub, RefusingProxy, TwoUpstreams, asked, run, setup, try_run, two_upstreams,
 };
 use common::image::{self, DOCKER_LIST, DOCKER_V2};
 use common::{Image, Layer};
@@ -145,8 +145,9 @@ async fn podman_pulls_one_platform_of_a_ghcr_io_image_through_the_path_prefix_mi
 
 /// A `pass_client_auth` Docker Hub upstream: podman (containers/image) sends credentials only
 /// where its `/v2/` ping found a challenge, so regcache's `/v2/` relays upstream's. podman
-/// then gets a token with its login for the mirror's host, and the private image comes
-/// through regcache with that token on every upstream request.
+/// logs in to regcache's address with its upstream login (checked upstream through regcache),
+/// then gets a token with it, and the private image comes through regcache with that token
+/// on every upstream GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podman_pulls_with_its_own_login_through_a_pass_client_auth_upstream() {
     let hub = PrivateHub::start().await;
@@ -155,7 +156,24 @@ async fn podman_pulls_with_its_own_login_through_a_pass_client_auth_upstream() {
     let addr = hub.cache.addr.to_string();
     let proxy = RefusingProxy::start(|| 0).await;
     let podman = Podman::new(&addr).through(&proxy);
-    podman.set_credentials(&addr, PrivateHub::ALICE);
+    // `podman login` to regcache's address: its check of the login is upstream's to answer.
+    let (user, password) = PrivateHub::ALICE;
+    let login = |password: &str| {
+        let mut c = podman.cmd();
+        c.args([
+            "login",
+            "--tls-verify=false",
+            "-u",
+            user,
+            "-p",
+            password,
+            &addr,
+        ]);
+        c
+    };
+    let wrong = try_run(&mut login("not-her-password"), "podman login").await;
+    assert!(!wrong.status.success(), "a wrong password logged in");
+    run(&mut login(password), "podman login").await;
 
     podman.pull("docker.io/private/rcown:1", &[]).await;
     check_pulled(&podman, "docker.io/private/rcown:1", &img, &img.digest()).await;

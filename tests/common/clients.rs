@@ -479,7 +479,7 @@ impl Dockerd {
     }
 }
 
-/// A `config.json` / `auth.json` holding one login.
+/// A Docker `config.json` holding one login.
 fn auths(registry: &str, user: &str, password: &str) -> String {
     use base64::Engine as _;
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
@@ -974,15 +974,6 @@ impl Podman {
         let out = self.run(&["image", "inspect", image]).await;
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v[0].clone()
-    }
-
-    /// The stored login for `registry` (a host, as `podman login` keys it).
-    pub fn set_credentials(&self, registry: &str, (user, password): (&str, &str)) {
-        std::fs::write(
-            self.dir.path().join("auth.json"),
-            auths(registry, user, password),
-        )
-        .unwrap();
     }
 
     /// The manifest podman stored for an image (by image ID), found by its digest among the
