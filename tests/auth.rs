@@ -451,6 +451,20 @@ async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_check
         meter.requests()[1].authorization.as_deref(),
         Some(client_token.as_str())
     );
+    // Offline, upstream is not asked.
+    let up = upstream(&meter.url(), "pass_client_auth = true\n");
+    let offline = Regcache::start(&meter.url(), move |c| {
+        c.upstreams.insert("docker.io".to_owned(), up);
+        c.cache.offline = true;
+    })
+    .await;
+    meter.reset();
+    let resp = common::http()
+        .get(format!("{}/v2/", offline.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((resp.status().as_u16(), meter.total()), (200, 0));
     // An upstream that cannot answer does not fail the ping; the requests after it get errors.
     registry.stop();
     assert_eq!(ping(None).await.unwrap().status(), 200);

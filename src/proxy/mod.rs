@@ -410,12 +410,13 @@ impl Proxy {
     /// `/v2/`, when the default upstream passes the client's credentials on: upstream's word
     /// on them. dockerd and containers/image (podman, CRI-O, skopeo) ping `/v2/` first and send
     /// credentials only where it challenged them, so the challenge must be upstream's. While
-    /// upstream cannot answer, the ping succeeds: the requests after it get the errors.
+    /// upstream cannot answer, the ping succeeds: the requests after it get the errors (and
+    /// offline, upstream is not asked).
     pub async fn check_base(&self, client: &ClientInfo) -> Result<()> {
         let Some(up) = self
             .upstreams
             .get(&self.config.default_upstream)
-            .filter(|u| u.passes_client_auth())
+            .filter(|u| u.passes_client_auth() && !self.config.cache.offline)
         else {
             return Ok(());
         };
