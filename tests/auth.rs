@@ -451,6 +451,23 @@ async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_check
         meter.requests()[1].authorization.as_deref(),
         Some(client_token.as_str())
     );
+    // With a second upstream that passes client credentials, `/v2/` cannot tell which one a
+    // client means (a challenge from the wrong one would send its password to that realm):
+    // 200, upstream not asked.
+    let (hub, other) = (
+        upstream(&meter.url(), "pass_client_auth = true\n"),
+        // Another name for the same place (never asked here).
+        upstream(
+            &meter.url().replace("127.0.0.1", "localhost"),
+            "pass_client_auth = true\n",
+        ),
+    );
+    let two = Regcache::start(&meter.url(), move |c| {
+        c.upstreams.insert("docker.io".to_owned(), hub);
+        c.upstreams.insert("harbor".to_owned(), other);
+    })
+    .await;
+    assert_eq!(unasked_ping(&two, &meter).await, 200);
     // Offline, upstream is not asked.
     let up = upstream(&meter.url(), "pass_client_auth = true\n");
     let offline = Regcache::start(&meter.url(), move |c| {
@@ -458,16 +475,22 @@ async fn pass_client_auth_forwards_the_clients_token_relays_challenges_and_check
         c.cache.offline = true;
     })
     .await;
-    meter.reset();
-    let resp = common::http()
-        .get(format!("{}/v2/", offline.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!((resp.status().as_u16(), meter.total()), (200, 0));
+    assert_eq!(unasked_ping(&offline, &meter).await, 200);
     // An upstream that cannot answer does not fail the ping; the requests after it get errors.
     registry.stop();
     assert_eq!(ping(None).await.unwrap().status(), 200);
+}
+
+/// The status of `/v2/` at `cache`, checking that upstream (behind `meter`) was not asked.
+async fn unasked_ping(cache: &Regcache, meter: &Meter) -> u16 {
+    meter.reset();
+    let resp = common::http()
+        .get(format!("{}/v2/", cache.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(meter.total(), 0, "upstream was asked");
+    resp.status().as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

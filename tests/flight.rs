@@ -264,6 +264,53 @@ async fn a_blob_without_content_length_is_streamed_verified_and_kept() {
     assert_eq!(up.count("GET", &layer), fetches);
 }
 
+/// A blob cached through one upstream is served through another once that one names it in a
+/// HEAD, by its size or (sending no size) by its digest; a 200 naming neither (a login page's)
+/// confirms nothing, and the blob is fetched through that upstream instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_naming_no_blob_confirms_none_cached_through_another_upstream() {
+    let layers = vec![Layer::new(81, 40_000), Layer::new(82, 40_000)];
+    let img = Image::new(image::DOCKER_V2, "amd64", layers);
+    let (a, b) = (
+        FakeRegistry::start(Faults::default()).await,
+        FakeRegistry::start(Faults {
+            chunked: true,
+            ..Faults::default()
+        })
+        .await,
+    );
+    a.add("library/app", "1", &img);
+    b.add("library/app", "1", &img);
+    let b_url = b.url();
+    let cache = Regcache::start(&a.url(), move |c| {
+        let mut up = c.upstreams["docker.io"].clone();
+        up.short_name_prefix = None;
+        up.urls = vec![b_url];
+        up.hosts = vec!["b.example".into()];
+        c.upstreams.insert("b".into(), up);
+    })
+    .await;
+    assert_eq!(pull(&cache.url(), "app", "1").await, img.digest());
+    let through_b = |layer: &str| {
+        let url = format!("{}/v2/b.example/library/app/blobs/{layer}", cache.url());
+        async move { get_all(&url).await.unwrap() }
+    };
+
+    // No size, but the digest: confirmed, served from the cache.
+    let named = img.layers[0].digest();
+    assert_eq!(image::sha256(&through_b(&named).await), named);
+    assert_eq!((b.count("HEAD", &named), b.count("GET", &named)), (1, 0));
+
+    // Neither: fetched through b.
+    b.set(|f| f.quirks = true);
+    let unnamed = img.layers[1].digest();
+    assert_eq!(image::sha256(&through_b(&unnamed).await), unnamed);
+    assert_eq!(
+        (b.count("HEAD", &unnamed), b.count("GET", &unnamed)),
+        (1, 1)
+    );
+}
+
 /// A client that joins a fill after the writer has put the first half on disk gets that half
 /// from the temp file by sendfile (no copy through regcache), the rest as it arrives, and the
 /// whole blob byte-exact.

@@ -905,9 +905,21 @@ async fn referrers_are_shared_reused_and_served_stale_while_upstream_is_down() {
     );
     // A registry without the referrers API answers 404; the client must hear "unsupported",
     // not NAME_UNKNOWN, so that it falls back to the `sha256-<hex>` tag.
+    // That answer is remembered for `negative_ttl`: not asked again at every check.
     mode.store(3, Ordering::SeqCst);
     let other = format!("/v2/signed/referrers/{}", image::sha256(b"unsigned"));
-    let resp = fresh.get(&other).await;
+    for _ in 0..3 {
+        let resp = fresh.get(&other).await;
+        assert_eq!(
+            common::error_code(resp).await,
+            (404, "UNSUPPORTED".to_owned())
+        );
+    }
+    assert_eq!(up.count("GET", &other[20..]), 1);
+    // Offline, what is not kept gets the same 404 (the fallback tag may be cached), not
+    // NAME_UNKNOWN, which clients read as a missing repository.
+    let offline = Regcache::start(&up.url(), |c| c.cache.offline = true).await;
+    let resp = offline.get(&referrers).await;
     assert_eq!(
         common::error_code(resp).await,
         (404, "UNSUPPORTED".to_owned())

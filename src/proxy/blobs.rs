@@ -10,6 +10,7 @@ use super::{CacheResult, ClientInfo, Proxy, Target, expect_ok, head, send};
 use crate::cache::blobs::Committed;
 use crate::cache::flight::{Fill, FillSpec, Reader, Source};
 use crate::error::{Error, Result};
+use crate::oci::DIGEST_HEADER;
 use crate::oci::digest::Digest;
 use crate::upstream::{Upstream, UpstreamRequest};
 
@@ -118,11 +119,13 @@ impl Proxy {
         }
         if self.store.contains(digest).await {
             // Fetched through another upstream: serve it once this upstream confirms it has it.
-            // A copy has the size its digest names: upstream's (if it says one) can only
-            // confirm it.
+            // Upstream must say which blob it has: by its size, or (when it sends none) by
+            // naming the digest, so that a 200 from a login page confirms nothing.
             if let Some(said) = self.upstream_head(t, digest, client).await?
                 && let Some(blob) = self.store.open_blob(digest).await?
-                && said.is_none_or(|size| blob.size == size)
+                && said
+                    .size
+                    .map_or(said.names_digest, |size| blob.size == size)
             {
                 let size = blob.size;
                 self.index.put_blob(up, digest, size)?;
@@ -143,12 +146,12 @@ impl Proxy {
                     cache: CacheResult::Shared,
                 });
             }
-            let size = self
+            let said = self
                 .upstream_head(t, digest, client)
                 .await?
                 .ok_or_else(|| Error::BlobUnknown(digest.to_string()))?;
             return Ok(BlobAnswer {
-                size,
+                size: said.size,
                 body: BlobBody::None,
                 cache: CacheResult::Miss,
             });
@@ -269,27 +272,34 @@ impl Proxy {
         })
     }
 
-    /// Whether upstream has the blob (`None`: it does not), and its size if upstream's HEAD
-    /// says it (a registry should; one behind some gateways sends no `Content-Length`).
+    /// What an upstream HEAD says of the blob; `None` when upstream does not have it.
     async fn upstream_head(
         &self,
         t: &Target,
         digest: &Digest,
         client: &ClientInfo,
-    ) -> Result<Option<Option<u64>>> {
+    ) -> Result<Option<UpstreamHead>> {
         let path = format!("blobs/{digest}");
         let resp = head(t, &path, None, client).await?;
         if resp.status() == http::StatusCode::NOT_FOUND {
             return Ok(None);
         }
         let resp = expect_ok(t, resp, || Error::BlobUnknown(digest.to_string()))?;
-        Ok(Some(
-            resp.headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok()),
-        ))
+        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        Ok(Some(UpstreamHead {
+            size: header(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
+            names_digest: header(DIGEST_HEADER).and_then(|v| v.parse::<Digest>().ok())
+                == Some(digest.clone()),
+        }))
     }
+}
+
+/// An upstream HEAD's 200 for a blob.
+struct UpstreamHead {
+    /// Its `Content-Length` (a registry sends one; some behind gateways do not).
+    size: Option<u64>,
+    /// Whether its `Docker-Content-Digest` names the blob asked for.
+    names_digest: bool,
 }
 
 /// The shared bucket's copy of `digest` as a fill source, if it has one this request may

@@ -31,6 +31,8 @@ use crate::upstream::UpstreamRequest;
 const MAX_TAGS_LIST: usize = 32 << 20;
 /// Bytes of listings kept, fresh and stale.
 const LISTINGS_MEMORY: u64 = 64 << 20;
+/// What a kept listing costs beyond its key and body (headers, bookkeeping), in bytes.
+const ENTRY_OVERHEAD: usize = 256;
 
 /// Which listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +113,16 @@ impl Listings {
         let fresh = cache.tags_list_ttl.max(cache.referrers_ttl);
         let kept = moka::future::Cache::builder()
             .max_capacity(LISTINGS_MEMORY)
-            .weigher(|_, l: &Arc<Listing>| l.body.len().try_into().unwrap_or(u32::MAX).max(1))
+            .weigher(
+                |(up, repo, endpoint, query): &ListingKey, l: &Arc<Listing>| {
+                    // The key too: a query can be as long as a request target, and an empty
+                    // answer's key is most of what it holds.
+                    let key = up.len() + repo.as_str().len() + endpoint.len() + query.len();
+                    (key + l.body.len() + ENTRY_OVERHEAD)
+                        .try_into()
+                        .unwrap_or(u32::MAX)
+                },
+            )
             .time_to_live(fresh.saturating_add(cache.max_stale))
             .build();
         Listings {
@@ -151,11 +162,22 @@ impl Proxy {
             return Ok((Arc::clone(l), CacheResult::Hit));
         }
         if cache.offline {
-            return Err(Error::NameUnknown(format!(
-                "{} of {} is not cached and regcache is offline",
-                listed.endpoint(),
-                t.repo
-            )));
+            return Err(match listed {
+                Listed::Tags => Error::NameUnknown(format!(
+                    "tags of {} are not cached and regcache is offline",
+                    t.repo
+                )),
+                // As an upstream without the API answers, so that clients fall back to the
+                // `sha256-<hex>` tag, which may be cached.
+                Listed::Referrers(_) => Error::NotFound,
+            });
+        }
+        // An upstream without the referrers API says so for every subject: asked once per
+        // `negative_ttl`, not at every signature check.
+        let unsupported = (t.upstream.name.clone(), t.repo.clone(), listed.endpoint());
+        let remembers = shared && matches!(listed, Listed::Referrers(_));
+        if remembers && self.missing_tags.contains_key(&unsupported) {
+            return Err(Error::NotFound);
         }
         let (fetched, joined) = if shared {
             let (t, listed, kept) = (t.clone(), listed.clone(), self.listings.kept.clone());
@@ -184,6 +206,10 @@ impl Proxy {
                     false => CacheResult::Miss,
                 };
                 Ok((l, how))
+            }
+            Err(e) if remembers && matches!(e.root(), Error::NotFound) => {
+                self.missing_tags.insert(unsupported, ());
+                Err(e)
             }
             Err(e) => match kept {
                 Some(l) if serves_stale(&e) && l.fetched.elapsed() < ttl + cache.max_stale => {
@@ -249,7 +275,13 @@ fn is_index(body: &[u8]) -> bool {
     #[serde(rename_all = "camelCase")]
     struct Index {
         media_type: Option<String>,
+        // Go servers write an empty list as `null`; the key itself must be there.
+        #[serde(deserialize_with = "null_as_empty")]
         manifests: Vec<Descriptor>,
+    }
+    fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Descriptor>, D::Error> {
+        use serde::Deserialize as _;
+        Option::<Vec<Descriptor>>::deserialize(d).map(Option::unwrap_or_default)
     }
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -280,6 +312,9 @@ mod tests {
         );
         assert!(is_index(ok.as_bytes()));
         assert!(is_index(br#"{"schemaVersion":2,"manifests":[]}"#));
+        assert!(is_index(
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":null}"#
+        ));
         for bad in [
             &b"<html>log in</html>"[..],
             br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json""#,

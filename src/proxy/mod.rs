@@ -122,7 +122,8 @@ pub struct Proxy {
     hot_manifests: moka::sync::Cache<crate::oci::digest::Digest, Arc<Manifest>>,
     /// `tags/list` and referrers answers.
     listings: listings::Listings,
-    /// Tags upstream recently said it does not have.
+    /// Tags upstream recently said it does not have, and repositories (keyed by a referrers
+    /// endpoint) where it said it has no referrers API.
     missing_tags: moka::sync::Cache<TagsKey, ()>,
     /// (upstream, repo, digest) an upstream `HEAD` confirmed within `tag_ttl`
     /// (`verify_access`).
@@ -407,27 +408,36 @@ impl Proxy {
         Ok(self.index.flush()?)
     }
 
-    /// `/v2/`, when the default upstream passes the client's credentials on: upstream's word
-    /// on them. dockerd and containers/image (podman, CRI-O, skopeo) ping `/v2/` first and send
-    /// credentials only where it challenged them, so the challenge must be upstream's. While
-    /// upstream cannot answer, the ping succeeds: the requests after it get the errors (and
-    /// offline, upstream is not asked).
+    /// `/v2/`, when the default upstream is the one that passes the client's credentials on:
+    /// upstream's word on them. dockerd and containers/image (podman, CRI-O, skopeo) ping
+    /// `/v2/` first and send credentials only where it challenged them, so the challenge must
+    /// be upstream's. With several such upstreams `/v2/` cannot know which one the client
+    /// means, and a challenge from the wrong one would send the client's password to that
+    /// one's realm: it answers 200, as without any. While upstream cannot answer (within
+    /// `revalidate_timeout`), the ping succeeds and the requests after it get the errors;
+    /// offline, upstream is not asked.
     pub async fn check_base(&self, client: &ClientInfo) -> Result<()> {
-        let Some(up) = self
-            .upstreams
-            .get(&self.config.default_upstream)
-            .filter(|u| u.passes_client_auth() && !self.config.cache.offline)
+        let mut passing = self.upstreams.values().filter(|u| u.passes_client_auth());
+        let (Some(up), None) = (passing.next(), passing.next()) else {
+            return Ok(());
+        };
+        if up.name != self.config.default_upstream || self.config.cache.offline {
+            return Ok(());
+        }
+        let wait = self.config.cache.revalidate_timeout;
+        let Ok(Ok(resp)) = tokio::time::timeout(wait, up.ping(client.authorization.as_ref())).await
         else {
             return Ok(());
         };
-        match up.ping(client.authorization.as_ref()).await {
-            Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                Err(Error::UpstreamChallenge {
-                    upstream: up.name.clone(),
-                    repo: "/v2/".to_owned(),
-                    challenge: resp.headers().get(header::WWW_AUTHENTICATE).cloned(),
-                })
-            }
+        let (parts, body) = resp.into_parts();
+        // Read to its end, so that the connection goes back to the pool.
+        let _ = tokio::time::timeout(wait, Limited::new(body, 64 << 10).collect()).await;
+        match parts.status {
+            StatusCode::UNAUTHORIZED => Err(Error::UpstreamChallenge {
+                upstream: up.name.clone(),
+                repo: "/v2/".to_owned(),
+                challenge: parts.headers.get(header::WWW_AUTHENTICATE).cloned(),
+            }),
             _ => Ok(()),
         }
     }

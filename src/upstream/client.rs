@@ -265,6 +265,8 @@ impl Upstream {
         &self,
         client_auth: Option<&HeaderValue>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // Never a client's credentials to an upstream that does not take them.
+        let client_auth = client_auth.filter(|_| self.pass_client_auth);
         self.guarded(self.send_failover(&Method::GET, "v2/", None, client_auth))
             .await
     }

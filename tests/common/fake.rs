@@ -128,7 +128,7 @@ pub struct Faults {
     /// Docker Hub's rate-limit headers on every answer: (limit, remaining).
     pub ratelimit: Option<(u32, u32)>,
     /// Registry quirks: manifests as `application/json` without `Docker-Content-Digest`, and
-    /// `HEAD` on manifests answered 405.
+    /// `HEAD` on manifests answered 405 (with `chunked`, blob HEADs without the digest too).
     pub quirks: bool,
     /// Answer blob GETs `200` with `Content-Length: 0` and no bytes, whatever the blob.
     pub empty_blobs: bool,
@@ -399,8 +399,12 @@ async fn serve(
                 >();
                 let mut r =
                     http::Response::new(super::BoxBody::new(http_body_util::StreamBody::new(none)));
-                for (k, v) in headers {
-                    r.headers_mut().insert(k, v.parse().unwrap());
+                // With `quirks`, not even the digest: a 200 that names no blob (a login page).
+                for (k, v) in headers
+                    .iter()
+                    .filter(|(k, _)| !faults.quirks || *k == "content-type")
+                {
+                    r.headers_mut().insert(*k, v.parse().unwrap());
                 }
                 return r;
             }
