@@ -99,12 +99,7 @@ async fn concurrent_cold_gets_share_one_upstream_fetch_that_streams() {
         let url = url.clone();
         tasks.push(tokio::spawn(async move { get_all(&url).await }));
     }
-    let range = http()
-        .get(&url)
-        .header("range", "bytes=2000000-2000099")
-        .send()
-        .await
-        .unwrap();
+    let range = common::get_range(&http(), &url, "bytes=2000000-2000099").await;
     assert_eq!(range.status(), 206);
     let want = img.layers[0].blob.clone();
     assert_eq!(
@@ -531,12 +526,7 @@ async fn a_range_of_a_cold_blob_completes_only_once_the_digest_is_verified() {
     };
     let (up, img, cache, layer, url) = cold_layer(faults, 80, 256 << 10).await;
 
-    let resp = http()
-        .get(&url)
-        .header("range", "bytes=0-99")
-        .send()
-        .await
-        .unwrap();
+    let resp = common::get_range(&http(), &url, "bytes=0-99").await;
     assert_eq!(
         resp.status(),
         206,
@@ -553,12 +543,7 @@ async fn a_range_of_a_cold_blob_completes_only_once_the_digest_is_verified() {
 
     up.set(|f| f.corrupt = false);
     let completed = up.load.blobs_completed.load(SeqCst);
-    let resp = http()
-        .get(&url)
-        .header("range", "bytes=0-99")
-        .send()
-        .await
-        .unwrap();
+    let resp = common::get_range(&http(), &url, "bytes=0-99").await;
     assert_eq!(resp.status(), 206);
     assert_eq!(
         resp.headers()["content-range"],

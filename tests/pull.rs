@@ -185,12 +185,7 @@ async fn head_and_range_requests() {
     assert_eq!(resp.headers()["cache-control"], "max-age=31536000");
 
     // A range of an uncached blob: 206 with exactly those bytes (the fill runs behind it).
-    let resp = client
-        .get(&url)
-        .header("range", "bytes=100-199")
-        .send()
-        .await
-        .unwrap();
+    let resp = common::get_range(&client, &url, "bytes=100-199").await;
     assert_eq!(resp.status(), 206);
     assert_eq!(
         resp.headers()["content-range"],
@@ -202,27 +197,12 @@ async fn head_and_range_requests() {
     // Cached: suffix and open ranges, HEAD from disk, 416 past the end.
     let full = get_blob(&base, "r/img", &layer.digest()).await;
     assert_eq!(full, layer.blob);
-    let resp = client
-        .get(&url)
-        .header("range", "bytes=-10")
-        .send()
-        .await
-        .unwrap();
+    let resp = common::get_range(&client, &url, "bytes=-10").await;
     assert_eq!(resp.status(), 206);
     assert_eq!(resp.bytes().await.unwrap(), layer.blob.slice(size - 10..));
-    let resp = client
-        .get(&url)
-        .header("range", format!("bytes={}-", size - 5))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::get_range(&client, &url, format!("bytes={}-", size - 5)).await;
     assert_eq!(resp.bytes().await.unwrap(), layer.blob.slice(size - 5..));
-    let resp = client
-        .get(&url)
-        .header("range", format!("bytes={size}-"))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::get_range(&client, &url, format!("bytes={size}-")).await;
     assert_eq!(resp.status(), 416);
     assert_eq!(
         resp.headers()["content-range"],
@@ -745,12 +725,7 @@ async fn hot_blobs(mode: Sendfile) {
 
     // A range across a chunk boundary, from an odd offset.
     let (start, end) = (4 * 1024 * 1024 - 3, 8 * 1024 * 1024 + 5);
-    let resp = client
-        .get(&blob_url)
-        .header("range", format!("bytes={start}-{end}"))
-        .send()
-        .await
-        .unwrap();
+    let resp = common::get_range(&client, &blob_url, format!("bytes={start}-{end}")).await;
     assert_eq!(resp.status(), 206);
     let body = resp.bytes().await.unwrap();
     assert_eq!(&body[..], &big.blob[start..=end]);

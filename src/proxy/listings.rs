@@ -174,7 +174,7 @@ impl Proxy {
         }
         // An upstream without the referrers API says so for every subject: asked once per
         // `negative_ttl`, not at every signature check.
-        let unsupported = (t.upstream.name.clone(), t.repo.clone(), listed.endpoint());
+        let unsupported = (t.upstream.name.clone(), t.repo.clone(), key.2.clone());
         let remembers = shared && matches!(listed, Listed::Referrers(_));
         if remembers && self.missing_tags.contains_key(&unsupported) {
             return Err(Error::NotFound);

@@ -526,6 +526,20 @@ pub async fn pull_as(
     digest
 }
 
+/// `GET url` with `Range: range` (e.g. `bytes=0-99`).
+pub async fn get_range(
+    client: &reqwest::Client,
+    url: &str,
+    range: impl AsRef<str>,
+) -> reqwest::Response {
+    client
+        .get(url)
+        .header("range", range.as_ref())
+        .send()
+        .await
+        .unwrap()
+}
+
 pub async fn get_blob(base: &str, repo: &str, digest: &str) -> Bytes {
     get_blob_as(base, repo, digest, None).await
 }
